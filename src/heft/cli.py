@@ -1,0 +1,143 @@
+"""Command line: `heft run | train | eval | predict`.
+
+    heft run [--out DIR]                                   the default study (SmolLM2-135M + BoolQ, offline)
+    heft train --config FILE --out DIR [--a.b value ...]   one strategy, any model and BoolQ-format data
+    heft eval DIR                                          reload a run folder and re-evaluate it
+    heft predict DIR --passage P --question Q              yes/no and its probability
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import ConfigError, HeftError
+
+logger = logging.getLogger("heft")
+
+
+def _split_overrides(rest: list[str]) -> list[tuple[str, str]]:
+    """`--a.b value` pairs (also `--a.b=value`) from the arguments argparse did not know."""
+    pairs, i = [], 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like `--section.field value`")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(rest):
+                raise ConfigError(f"{arg}: missing a value")
+            key, value = arg[2:], rest[i + 1]
+            i += 2
+        pairs.append((key.replace("-", "_"), value))
+    return pairs
+
+
+def _print_table(summary: dict) -> None:
+    rows = summary["strategies"]
+    print(f"\nBoolQ accuracy on {next(iter(rows.values()))['n']} evaluation rows "
+          f"(majority baseline {summary['majority_baseline']:.1%})")
+    print(f"{'strategy':<10}{'accuracy':>10}{'95% CI':>18}{'params':>12}{'epochs':>8}{'train s':>10}")
+    for name, r in rows.items():
+        lo, hi = r["ci95"]
+        print(f"{name:<10}{r['accuracy']:>10.1%}{f'[{lo:.1%}, {hi:.1%}]':>18}{r['trainable_params']:>12,}"
+              f"{r['epochs']:>8.2g}{r['train_seconds']:>10.0f}")
+
+
+def cmd_run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    from .suite import default_suite_path, run_suite
+
+    summary = run_suite(Path(args.config) if args.config else default_suite_path(), Path(args.out), overrides,
+                        overwrite=args.overwrite, only=args.only)
+    _print_table(summary)
+    print(f"\nwrote {args.out}/summary.json and one run folder per strategy")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    from .config import load
+    from .pipeline import train_run
+
+    cfg = load(args.config, overrides)
+    m = train_run(cfg, Path(args.out), overwrite=args.overwrite)
+    lo, hi = m["ci95"]
+    print(f"{m['strategy']}: accuracy {m['accuracy']:.2%} [{lo:.2%}, {hi:.2%}] on {m['n']} rows "
+          f"(majority baseline {m['majority_baseline']:.2%}); wrote {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    from .pipeline import eval_run
+
+    if overrides:
+        raise ConfigError("heft eval takes no overrides: it re-evaluates the run exactly as it was configured")
+    r = eval_run(Path(args.run))
+    lo, hi = r["ci95"]
+    print(f"accuracy {r['accuracy']:.2%} [{lo:.2%}, {hi:.2%}] on {r['n']} rows ({r['eval_split']})")
+    if "matches_saved_predictions" in r:
+        print("predictions identical to the saved ones" if r["matches_saved_predictions"]
+              else "predictions DIFFER from the saved ones")
+    if args.json:
+        print(json.dumps(r))
+    return 0 if r.get("matches_saved_predictions", True) else 1
+
+
+def cmd_predict(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    from .data import Example, parse_row
+    from .pipeline import load_run
+
+    s, cfg = load_run(Path(args.run))
+    ex: Example = parse_row({"question": args.question, "passage": args.passage or "", "answer": False},
+                            "command line", need_passage=cfg.data.prompt_format == "passage")
+    pred = s.evaluate([ex])[0]
+    if "p_yes" in pred:
+        answer = "yes" if pred["pred"] else "no"
+        print(f"{answer} (p_yes={pred['p_yes']:.3f})")
+    else:
+        print(f"{pred['text']!r} -> {pred['pred']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="heft", description="Hierarchical PEFT: LoRA, then ReFT, for Hugging Face causal LMs.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="the default study: base, LoRA, ReFT and HEFT on BoolQ, one table")
+    r.add_argument("--config", help="a suite YAML (default: the embedded SmolLM2-135M + BoolQ suite)")
+    r.add_argument("--out", default="runs/heft-default", help="output folder (default: runs/heft-default)")
+    r.add_argument("--only", nargs="+", help="run only these strategies (e.g. base heft)")
+    r.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    t = sub.add_parser("train", help="train one run (a list of stages) and evaluate it")
+    t.add_argument("--config", help="run YAML; fields can be overridden with --section.field value")
+    t.add_argument("--out", required=True, help="output run folder (must be new or empty)")
+    t.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    e = sub.add_parser("eval", help="reload a run folder and re-evaluate it")
+    e.add_argument("run", help="a run folder written by heft train/run")
+    e.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    pr = sub.add_parser("predict", help="answer one yes/no question with a trained run")
+    pr.add_argument("run", help="a run folder")
+    pr.add_argument("--question", required=True)
+    pr.add_argument("--passage", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        overrides = _split_overrides(rest)
+        handler = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}[args.command]
+        return handler(args, overrides)
+    except HeftError as e:
+        print(f"heft: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

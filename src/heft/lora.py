@@ -1,0 +1,73 @@
+"""The coarse, weight-space stage: LoRA through Hugging Face PEFT.
+
+LoRA (Hu et al., 2021, arXiv 2106.09685) learns W + (alpha / r) B A for chosen linear layers, with
+A: (r, in) and B: (out, r), B starting at zero. heft delegates the layers to PEFT (rsLoRA and DoRA
+included), saves the adapter in PEFT's own format (`adapter_config.json` +
+`adapter_model.safetensors`, loadable by `peft.PeftModel.from_pretrained`), and afterwards either
+merges it into the weights or keeps it as a frozen adapter for the next stage.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch import nn
+
+from .config import LoraConfig
+from .errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def peft_config(cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    targets = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
+    return PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, task_type="CAUSAL_LM", bias="none",
+    )
+
+
+def attach(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """Wrap `model` with a fresh, trainable LoRA adapter (PEFT `PeftModel`)."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, peft_config(cfg))
+    except ValueError as e:  # PEFT says which target modules it could not find
+        raise ConfigError(f"lora.target_modules: {e}. Use `all-linear` or names of linear layers in this model") from None
+
+
+def save(peft_model: nn.Module, folder: Path) -> None:
+    """Save only the adapter, in PEFT's format."""
+    peft_model.save_pretrained(str(folder))
+
+
+def load(model: nn.Module, folder: Path, merge: bool) -> nn.Module:
+    """Put a saved adapter on `model`: merged into the weights, or as a frozen PEFT adapter."""
+    from peft import PeftModel
+
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder / name}: missing; {folder} does not hold a LoRA adapter")
+    try:
+        wrapped = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    except Exception as e:  # PEFT/safetensors raise many types for mismatched or corrupt files
+        raise CheckpointError(f"{folder}: cannot load the LoRA adapter onto this base model ({type(e).__name__}: {e})") from None
+    if merge:
+        return wrapped.merge_and_unload()
+    wrapped.requires_grad_(False)
+    return wrapped
+
+
+def finish(peft_model: nn.Module, merge: bool) -> nn.Module:
+    """After training a LoRA stage: merge it (returns the plain model) or freeze it in place."""
+    if merge:
+        return peft_model.merge_and_unload()
+    peft_model.requires_grad_(False)
+    return peft_model

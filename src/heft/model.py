@@ -1,0 +1,117 @@
+"""Loading the base model and tokenizer, and finding its decoder layers on any architecture."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Where the decoder-layer list lives, per family (tried in order after unwrapping PEFT).
+KNOWN_LAYER_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2/3, Gemma 2/3 (text), Phi-3
+    "model.language_model.layers",  # Gemma 3 multimodal and other *ForConditionalGeneration
+    "transformer.h",  # GPT-2, GPT-J, Falcon
+    "model.decoder.layers",  # OPT
+    "gpt_neox.layers",  # Pythia, GPT-NeoX
+    "transformer.blocks",  # MPT
+)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """An embedded alias -> its cached folder (fetched once); anything else is passed through."""
+    from .assets import EMBEDDED_MODELS  # lazy: only the default model needs it
+
+    if name_or_path in EMBEDDED_MODELS:
+        return str(EMBEDDED_MODELS[name_or_path]())
+    return name_or_path
+
+
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(cfg: ModelConfig, device: torch.device):
+    """(model, tokenizer) with all base weights frozen, in eval mode semantics left to the caller."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(cfg.name_or_path)
+    local = Path(path).exists()
+    if not local and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise ConfigError(f"model.name_or_path: {path!r} is not a folder on this machine; give a local model folder, "
+                          "a hub id such as `meta-llama/Llama-2-7b-hf`, or the embedded alias `smollm2-135m`")
+    kw = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.dtype, device), **kw)
+    except OSError as e:
+        raise ConfigError(f"model.name_or_path: cannot load {path!r} ({e}). Offline? Point it at a local model folder.") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.requires_grad_(False)
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under a PEFT wrapper (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def _get_path(root: nn.Module, dotted: str) -> nn.Module | None:
+    node = root
+    for part in dotted.split("."):
+        node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
+def decoder_layers(model: nn.Module, layers_path: str | None = None) -> nn.ModuleList:
+    """The ModuleList of decoder layers of a (possibly PEFT-wrapped) causal LM."""
+    base = unwrap(model)
+    if layers_path:
+        found = _get_path(base, layers_path)
+        if not isinstance(found, nn.ModuleList):
+            raise ConfigError(f"model.layers_path: {layers_path!r} is not a list of layers on {type(base).__name__} "
+                              f"(found {type(found).__name__})")
+        return found
+    for path in KNOWN_LAYER_PATHS:
+        found = _get_path(base, path)
+        if isinstance(found, nn.ModuleList) and len(found) > 0:
+            return found
+    # Unknown family: accept the one ModuleList of identical blocks whose length is the configured depth.
+    depth = getattr(getattr(base, "config", None), "num_hidden_layers", None)
+    candidates = [
+        m for m in base.modules()
+        if isinstance(m, nn.ModuleList) and len(m) == depth and len({type(c) for c in m}) == 1
+    ]
+    if depth and len(candidates) == 1:
+        return candidates[0]
+    lists = [name for name, m in base.named_modules() if isinstance(m, nn.ModuleList)][:6]
+    raise ConfigError(
+        f"model: cannot find the decoder layers of {type(base).__name__}. Set model.layers_path to the dotted "
+        f"path of its list of decoder layers; ModuleLists found: {lists or 'none'}"
+    )
+
+
+def hidden_size(model: nn.Module) -> int:
+    cfg = unwrap(model).config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    return int(unwrap(model).get_input_embeddings().weight.shape[1])

@@ -1,0 +1,248 @@
+"""A run is a list of stages. Each stage trains LoRA, ReFT, or both (`joint`) on top of what the
+earlier stages left (their LoRA merged or frozen, their ReFT frozen), and writes its own folder.
+
+Run folder layout (everything needed to reload, nothing else):
+
+    OUT/config.yaml            resolved configuration
+    OUT/meta.json              heft/torch/transformers versions, base model id, device, precision
+    OUT/stages/00-lora/adapter/{adapter_config.json, adapter_model.safetensors}   PEFT format
+    OUT/stages/01-reft/{reft_config.json, reft.safetensors}
+    OUT/stages/NN-*/{stage.json, train_log.jsonl}
+    OUT/metrics.json           accuracy, 95% interval, n, majority baseline, trainable params, time
+    OUT/predictions.jsonl      one line per evaluation row: idx, label, pred, p_yes
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__, io, lora
+from .config import RunConfig, StageConfig, dump_yaml, load, stage_dir_name
+from .data import Encoder, Example, load_splits, majority_label
+from .errors import CheckpointError, ConfigError
+from .evaluate import accuracy, generate, score
+from .model import decoder_layers, hidden_size, load_model
+from .reft import ReftModel, no_decay_names
+from .train import StageResult, train_stage, use_bf16
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Reuse:
+    """Take a stage's LoRA adapter from another run instead of training it (an identical stage prefix)."""
+
+    adapter_dir: Path
+    result: StageResult
+    source: str
+
+
+def make_accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Accelerator(mixed_precision="bf16" if use_bf16(cfg.precision, device) else "no", cpu=device.type == "cpu")
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to mix a new run into a folder that already holds files."""
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"--out: {out} is not empty; choose a new folder, or pass --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _meta(cfg: RunConfig, accelerator: Any, model_path: str) -> dict[str, Any]:
+    import peft
+    import transformers
+
+    return {
+        "heft_version": __version__, "base_model": cfg.model.name_or_path, "base_model_resolved": model_path,
+        "strategy": cfg.label(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "peft": peft.__version__, "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
+        "python": platform.python_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def count(params: list[tuple[str, nn.Parameter]]) -> int:
+    return sum(p.numel() for _, p in params)
+
+
+def check_trainable(model: nn.Module, expected: list[tuple[str, nn.Parameter]], stage: str) -> None:
+    """Internal invariant: exactly the adapter parameters of this stage require gradients."""
+    live = {id(p) for p in model.parameters() if p.requires_grad}
+    want = {id(p) for _, p in expected}
+    assert live == want, f"{stage}: trainable set differs from the adapter set ({len(live)} vs {len(want)} tensors)"
+
+
+class Session:
+    """The base model with the adapters of finished stages applied, plus what evaluation needs."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.accelerator = make_accelerator(cfg)
+        torch.manual_seed(cfg.seed)
+        self.model, self.tokenizer = load_model(cfg.model, self.accelerator.device)
+        self.model_path = getattr(self.model, "name_or_path", cfg.model.name_or_path)
+        self.reft: ReftModel | None = None
+
+    @property
+    def top(self) -> nn.Module:
+        """What forward passes go through: the ReFT wrapper if any, else the (maybe PEFT) model."""
+        return self.reft if self.reft is not None else self.model
+
+    def add_reft(self) -> ReftModel:
+        if self.reft is not None:
+            raise ConfigError("stages: only one stage may train ReFT interventions")
+        torch.manual_seed(self.cfg.seed + 1)  # interventions' init does not depend on earlier stages
+        layers = decoder_layers(self.model, self.cfg.model.layers_path)
+        self.reft = ReftModel(self.model, self.cfg.reft, layers, hidden_size(self.model)).to(self.accelerator.device)
+        return self.reft
+
+    def encoder(self, stage: StageConfig | None = None) -> Encoder:
+        length = stage.max_length if stage is not None and stage.max_length else self.cfg.data.max_length
+        return Encoder(self.tokenizer, self.cfg.data.prompt_format, length)
+
+    def evaluate(self, rows: list[Example]) -> list[dict[str, Any]]:
+        enc = self.encoder()
+        encoded = [enc.encode(r) for r in rows]
+        e = self.cfg.eval
+        if e.method == "generate":
+            words = ("no", "yes") if self.cfg.data.prompt_format == "passage" else ("false", "true")
+            preds = generate(self.top, encoded, self.tokenizer, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                             answer_words=words, accelerator=self.accelerator)
+        else:
+            preds = score(self.top, encoded, batch_size=e.batch_size, pad_id=self.tokenizer.pad_token_id,
+                          accelerator=self.accelerator)
+        for p, r, x in zip(preds, rows, encoded):
+            p["idx"] = r.idx
+            p["truncated"] = x.truncated
+        return preds
+
+
+def _stage_params(s: Session, method: str) -> list[tuple[str, nn.Parameter]]:
+    named: list[tuple[str, nn.Parameter]] = []
+    if method in ("lora", "joint"):
+        named += [(f"lora.{n}", p) for n, p in s.model.named_parameters() if "lora_" in n]
+    if method in ("reft", "joint"):
+        assert s.reft is not None
+        named += [(f"reft.{n}", p) for n, p in s.reft.interventions.named_parameters()]
+    return named
+
+
+def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, reuse: dict[int, Reuse] | None = None,
+              snapshot_epochs: bool = False) -> dict[str, Any]:
+    """Train every stage of `cfg`, evaluate, and write the run folder `out`. Returns metrics.json's content."""
+    reuse = reuse or {}
+    check_out_dir(out, overwrite)
+    s = Session(cfg)
+    io.write_text(out / "config.yaml", dump_yaml(cfg))
+    io.write_json(out / "meta.json", _meta(cfg, s.accelerator, s.model_path))
+    splits = load_splits(cfg.data, with_train=bool(cfg.stages))
+    total_params, total_seconds, total_epochs, stage_info = 0, 0.0, 0.0, []
+    for i, stage in enumerate(cfg.stages):
+        folder = out / "stages" / stage_dir_name(i, stage)
+        folder.mkdir(parents=True, exist_ok=True)
+        if stage.method in ("lora", "joint"):
+            s.model = lora.attach(s.model, cfg.lora)
+        if stage.method in ("reft", "joint"):
+            s.add_reft()
+        named = _stage_params(s, stage.method)
+        check_trainable(s.top, named, stage_dir_name(i, stage))
+        info: dict[str, Any] = {"index": i, "method": stage.method, "trainable_params": count(named)}
+        if i in reuse:
+            r = reuse[i]
+            shutil.copytree(r.adapter_dir, folder / "adapter")
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(s.model, load_file(str(r.adapter_dir / lora.ADAPTER_WEIGHTS)))
+            result, info["reused_from"] = r.result, r.source
+            logger.info("stage %d (%s): reused from %s", i, stage.method, r.source)
+        else:
+            enc = s.encoder(stage)
+            rows = [enc.encode(x) for x in splits.train]
+
+            def snapshot(epoch: int, seconds: float, tokens: int) -> None:
+                if snapshot_epochs and stage.method == "lora" and epoch < stage.epochs:
+                    lora.save(s.model, folder / f"epoch-{epoch}" / "adapter")
+                    io.write_json(folder / f"epoch-{epoch}" / "progress.json", {"epoch": epoch, "train_seconds": seconds, "tokens": tokens})
+
+            no_decay = {f"reft.{n}" for n in no_decay_names(s.reft.interventions)} if s.reft is not None else set()
+            no_decay |= {n for n, _ in named if n.endswith("bias")}
+            result = train_stage(s.top, named, no_decay, rows, stage, accelerator=s.accelerator,
+                                 pad_id=s.tokenizer.pad_token_id, seed=cfg.seed + i, bucketing=cfg.length_bucketing,
+                                 log_path=folder / "train_log.jsonl", log_every=cfg.log_every, on_epoch_end=snapshot,
+                                 desc=f"{cfg.label()} stage {i} ({stage.method})")
+            if stage.method in ("lora", "joint"):
+                lora.save(s.model, folder / "adapter")
+        if stage.method in ("reft", "joint"):
+            s.reft.save(folder)
+        if stage.method in ("lora", "joint"):
+            s.model = lora.finish(s.model, cfg.lora.merge)
+            if s.reft is not None:
+                s.reft.model = s.model
+        s.top.requires_grad_(False)
+        info.update(optimizer_steps=result.optimizer_steps, epochs=result.epochs, train_seconds=round(result.train_seconds, 2),
+                    tokens=result.tokens, final_loss=result.final_loss)
+        io.write_json(folder / "stage.json", info)
+        stage_info.append(info)
+        total_params += info["trainable_params"]
+        total_seconds += result.train_seconds
+        total_epochs += result.epochs
+    preds = s.evaluate(splits.eval)
+    io.write_jsonl(out / "predictions.jsonl", preds)
+    majority = majority_label(splits.train) if splits.train else True
+    metrics = {
+        "strategy": cfg.label(), **accuracy(preds), "eval_split": cfg.data.eval_split,
+        "majority_label": majority, "majority_baseline": sum(r.label == majority for r in splits.eval) / len(splits.eval),
+        "trainable_params": total_params, "train_seconds": round(total_seconds, 2), "epochs": total_epochs,
+        "train_rows": len(splits.train), "stages": stage_info,
+    }
+    io.write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def load_run(folder: Path, **model_overrides: Any) -> tuple[Session, RunConfig]:
+    """Rebuild the trained model of a run folder: base model, then each stage's adapters in order."""
+    if not (folder / "config.yaml").is_file():
+        raise CheckpointError(f"{folder}: not a heft run folder (no config.yaml)")
+    cfg = load(folder / "config.yaml")
+    s = Session(cfg)
+    for i, stage in enumerate(cfg.stages):
+        sdir = folder / "stages" / stage_dir_name(i, stage)
+        if stage.method in ("lora", "joint"):
+            s.model = lora.load(s.model, sdir / "adapter", merge=cfg.lora.merge)
+            if s.reft is not None:
+                s.reft.model = s.model
+        if stage.method in ("reft", "joint"):
+            s.add_reft().load_weights(sdir)
+    s.top.requires_grad_(False)
+    return s, cfg
+
+
+def eval_run(folder: Path) -> dict[str, Any]:
+    """Re-evaluate a finished run and compare with its saved predictions."""
+    s, cfg = load_run(folder)
+    splits = load_splits(cfg.data, with_train=False)
+    preds = s.evaluate(splits.eval)
+    result = {**accuracy(preds), "eval_split": cfg.data.eval_split}
+    saved_path = folder / "predictions.jsonl"
+    if saved_path.is_file():
+        import json
+
+        saved = [json.loads(line) for line in saved_path.read_text().splitlines()]
+        same = sum(1 for a, b in zip(preds, saved) if a["pred"] == b["pred"]) if len(saved) == len(preds) else 0
+        result["matches_saved_predictions"] = same == len(preds)
+        result["max_abs_p_yes_diff"] = max((abs(a["p_yes"] - b["p_yes"]) for a, b in zip(preds, saved) if "p_yes" in a), default=0.0)
+    return result

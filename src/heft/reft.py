@@ -1,0 +1,304 @@
+"""Representation fine-tuning (ReFT) on the residual stream, written natively for heft.
+
+ReFT (Wu et al., 2024, arXiv 2404.03592) freezes the model and learns an edit Phi(h) of the hidden
+state h (the output of a decoder layer) at a few chosen token positions:
+
+    LoReFT  Phi(h) = h + R^T (W h + b - R h)    R: (r, d) with orthonormal rows, W: (r, d), b: (r,)
+    NoReFT  the same with R unconstrained
+    DiReFT  Phi(h) = h + W2^T (W1 h + b)        W1, W2: (r, d), no orthogonality (ReFT paper eq. 3)
+
+R is kept orthonormal by construction: the trainable tensor is an unconstrained (r, d) matrix A and
+R = rows of Q from the QR decomposition of A^T (signs fixed so that A = R gives back R). Unlike
+`torch.nn.utils.parametrizations.orthogonal`, whose Householder map collapses R to zero after one
+AdamW step with weight decay, this stays orthonormal under any optimiser; weight decay is never
+applied to A anyway (see `no_decay_names`).
+
+Positions: for each example, the first `f` and the last `l` *prompt* tokens (never answer tokens),
+computed from per-example prompt start and length, so left or right padding both work. Where a
+prompt is shorter than f + l the last group keeps its tokens and the first group gets what is
+left, so no token is edited twice. The edit is applied with gather/scatter_add over (B, f + l)
+positions: no Python loop over examples and no host sync.
+
+Interventions live in an `nn.ModuleDict` inside `ReftModel`, which wraps the base model so that
+`.to()`, `state_dict()` and DDP see them; forward hooks attach them and `remove()` takes them off,
+after which the model computes exactly what it computed before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .config import PositionsConfig, ReftConfig
+from .errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+REFT_WEIGHTS = "reft.safetensors"
+REFT_CONFIG = "reft_config.json"
+
+
+def orthonormal_rows(a: torch.Tensor) -> torch.Tensor:
+    """(r, d) -> (r, d) with orthonormal rows spanning the same space as `a`'s rows (fp32, autocast off)."""
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        q, t = torch.linalg.qr(a.float().T, mode="reduced")  # q: (d, r), t: (r, r) upper triangular
+        sign = torch.where(torch.diagonal(t) >= 0, 1.0, -1.0)
+        return (q * sign).T
+
+
+class LoReFT(nn.Module):
+    """h + R^T (W h + b - R h); `orthogonal=False` gives NoReFT."""
+
+    def __init__(self, d: int, r: int, init: str = "identity", dropout: float = 0.0, orthogonal: bool = True):
+        super().__init__()
+        self.orthogonal = orthogonal
+        self.rotation = nn.Parameter(orthonormal_rows(torch.randn(r, d)))  # (r, d)
+        proj = nn.Linear(d, r)  # default init, as in pyreft, for init="random"
+        if init == "identity":
+            proj.weight.data.copy_(self.rotation.data)
+            proj.bias.data.zero_()
+        self.weight = nn.Parameter(proj.weight.data.clone())  # (r, d)
+        self.bias = nn.Parameter(proj.bias.data.clone())  # (r,)
+        self.dropout = nn.Dropout(dropout)
+
+    def R(self) -> torch.Tensor:
+        return orthonormal_rows(self.rotation) if self.orthogonal else self.rotation
+
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        """The edit Phi(h) - h for h of shape (..., d)."""
+        R = self.R()
+        x = h.to(self.weight.dtype)
+        low = x @ self.weight.T + self.bias - x @ R.T.to(x.dtype)  # (..., r)
+        return self.dropout(low @ R.to(x.dtype))  # (..., d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.delta(h).to(h.dtype)
+
+    @torch.no_grad()
+    def consolidate(self) -> None:
+        """Store R itself in `rotation`, so saved files hold R and reloading reproduces outputs exactly."""
+        if self.orthogonal:
+            self.rotation.copy_(self.R())
+
+
+class DiReFT(nn.Module):
+    """h + W2^T (W1 h + b)."""
+
+    def __init__(self, d: int, r: int, init: str = "identity", dropout: float = 0.0):
+        super().__init__()
+        down = nn.Linear(d, r)
+        self.weight = nn.Parameter(down.weight.data.clone())  # W1: (r, d)
+        self.bias = nn.Parameter(down.bias.data.clone())  # b: (r,)
+        up = torch.empty(r, d)
+        if init == "identity":
+            nn.init.zeros_(up)  # zero edit at init, gradients still flow into W2
+        else:
+            nn.init.kaiming_uniform_(up, a=5**0.5)
+        self.up = nn.Parameter(up)  # W2: (r, d)
+        self.dropout = nn.Dropout(dropout)
+
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.to(self.weight.dtype)
+        return self.dropout((x @ self.weight.T + self.bias) @ self.up)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.delta(h).to(h.dtype)
+
+    def consolidate(self) -> None:
+        pass
+
+
+def make_intervention(cfg: ReftConfig, d: int) -> nn.Module:
+    """One intervention of the configured kind for hidden size d."""
+    if cfg.rank > d:
+        raise ConfigError(f"reft.rank: {cfg.rank} is larger than the model's hidden size {d}; use a rank <= {d}")
+    if cfg.kind == "direft":
+        return DiReFT(d, cfg.rank, cfg.init, cfg.dropout)
+    return LoReFT(d, cfg.rank, cfg.init, cfg.dropout, orthogonal=cfg.kind == "loreft")
+
+
+def no_decay_names(module: nn.Module) -> set[str]:
+    """Parameter names that must not get weight decay: biases and the orthonormal map's raw matrix."""
+    return {n for n, _ in module.named_parameters() if n.endswith("bias") or n.endswith("rotation")}
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+def prompt_positions(
+    prompt_start: torch.Tensor, prompt_len: torch.Tensor, pos: PositionsConfig
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Indices (B, k) and validity masks (B, k) of the first/last prompt positions of each example.
+
+    `prompt_start`, `prompt_len`: (B,) long tensors. Invalid slots (short prompts) point at
+    position 0 and are masked out.
+    """
+    n_last = torch.clamp(prompt_len, max=pos.last)  # (B,)
+    n_first = torch.clamp(prompt_len - n_last, max=pos.first)  # (B,) the last group wins overlaps
+    out = {}
+    if pos.first > 0:
+        j = torch.arange(pos.first, device=prompt_len.device)  # (f,)
+        valid = j[None, :] < n_first[:, None]  # (B, f)
+        out["first"] = ((prompt_start[:, None] + j[None, :]) * valid, valid)
+    if pos.last > 0:
+        j = torch.arange(pos.last, device=prompt_len.device)  # (l,)
+        valid = j[None, :] < n_last[:, None]  # (B, l)
+        idx = prompt_start[:, None] + (prompt_len - n_last)[:, None] + j[None, :]
+        out["last"] = (idx * valid, valid)
+    return out
+
+
+@dataclass
+class _Context:
+    """Where to intervene during one forward pass (or the prompt pass of one `generate`)."""
+
+    groups: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    seq_len: int
+    passes_allowed: int | None = None  # generation: only the first model pass (the prompt) is edited
+    passes: int = 0
+
+
+# ----------------------------------------------------------------------------- the wrapped model
+
+
+class ReftModel(nn.Module):
+    """A causal LM with ReFT interventions hooked onto the outputs of chosen decoder layers."""
+
+    def __init__(self, model: nn.Module, cfg: ReftConfig, decoder_layers: nn.ModuleList, hidden_size: int):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        n = len(decoder_layers)
+        self.layer_ids = list(range(n)) if cfg.layers == "all" else sorted(cfg.layers)
+        bad = [i for i in self.layer_ids if not 0 <= i < n]
+        if bad:
+            raise ConfigError(f"reft.layers: {bad} out of range; the model has {n} decoder layers (0..{n - 1})")
+        self.num_layers = n
+        self.hidden_size = hidden_size
+        groups = ["both"] if cfg.tied else [g for g in ("first", "last") if getattr(cfg.positions, g) > 0]
+        self.groups = groups
+        self.interventions = nn.ModuleDict(
+            {f"L{i}_{g}": make_intervention(cfg, hidden_size) for i in self.layer_ids for g in groups}
+        )
+        self._ctx: _Context | None = None
+        self._handles = [decoder_layers[i].register_forward_hook(self._make_hook(i)) for i in self.layer_ids]
+
+    def _make_hook(self, layer: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            ctx = self._ctx
+            h = output[0] if isinstance(output, tuple) else output  # (B, T, d)
+            if ctx is None or h.shape[1] != ctx.seq_len:
+                return output
+            if ctx.passes_allowed is not None:
+                if ctx.passes >= ctx.passes_allowed:
+                    return output
+                if layer == self.layer_ids[-1]:  # the highest edited layer runs last: this pass is done
+                    ctx.passes += 1
+            for group in self.groups:
+                if group == "both":
+                    idx = torch.cat([ctx.groups[g][0] for g in ctx.groups], dim=1)
+                    valid = torch.cat([ctx.groups[g][1] for g in ctx.groups], dim=1)
+                else:
+                    idx, valid = ctx.groups[group]
+                idx_d = idx[:, :, None].expand(-1, -1, h.shape[-1])  # (B, k, d)
+                sel = h.gather(1, idx_d)
+                delta = self.interventions[f"L{layer}_{group}"].delta(sel) * valid[:, :, None]
+                h = h.scatter_add(1, idx_d, delta.to(h.dtype))
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        return hook
+
+    def _set(self, seq_len: int, prompt_start: torch.Tensor, prompt_len: torch.Tensor, passes: int | None) -> None:
+        self._ctx = _Context(prompt_positions(prompt_start, prompt_len, self.cfg.positions), seq_len, passes)
+
+    # -- API
+    def forward(self, input_ids: torch.Tensor, prompt_start: torch.Tensor, prompt_len: torch.Tensor, **kwargs: Any) -> Any:
+        """Run the model with the edits at each example's prompt positions. Extra kwargs go to the model."""
+        self._set(input_ids.shape[1], prompt_start, prompt_len, None)
+        try:
+            return self.model(input_ids=input_ids, **kwargs)
+        finally:
+            self._ctx = None
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_start: torch.Tensor,
+                 prompt_len: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """`model.generate` with the edits applied on the prompt pass only (generated tokens are not edited)."""
+        self._set(input_ids.shape[1], prompt_start, prompt_len, 1)
+        try:
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            self._ctx = None
+
+    def remove(self) -> nn.Module:
+        """Take the hooks off and return the untouched base model."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        return self.model
+
+    def consolidate(self) -> None:
+        for m in self.interventions.values():
+            m.consolidate()
+
+    def reft_config_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.cfg.kind, "rank": self.cfg.rank, "layers": self.layer_ids,
+            "positions": {"first": self.cfg.positions.first, "last": self.cfg.positions.last},
+            "tied": self.cfg.tied, "init": self.cfg.init, "dropout": self.cfg.dropout,
+            "hidden_size": self.hidden_size, "num_layers": self.num_layers, "heft_version": __version__,
+        }
+
+    def save(self, folder: Path) -> None:
+        """Write `reft.safetensors` (only the interventions' tensors) and `reft_config.json`."""
+        self.consolidate()
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.interventions.state_dict().items()}
+        save_file(tensors, str(folder / REFT_WEIGHTS), metadata={"format": "heft-reft"})
+        (folder / REFT_CONFIG).write_text(json.dumps(self.reft_config_dict(), indent=2))
+
+    def load_weights(self, folder: Path) -> None:
+        """Load weights saved by `save`, after checking they fit this model."""
+        meta = read_reft_config(folder)
+        for key, mine in (("hidden_size", self.hidden_size), ("num_layers", self.num_layers)):
+            if meta.get(key) != mine:
+                raise CheckpointError(f"{folder / REFT_CONFIG}: saved for {key}={meta.get(key)}, but the base model has {key}={mine}")
+        try:
+            tensors = load_file(str(folder / REFT_WEIGHTS))
+        except Exception as e:  # safetensors raises several types for truncated/corrupt files
+            raise CheckpointError(f"{folder / REFT_WEIGHTS}: cannot read the ReFT weights ({e}); the file is corrupt or truncated") from None
+        expected = self.interventions.state_dict()
+        missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
+        if missing or extra:
+            raise CheckpointError(f"{folder / REFT_WEIGHTS}: tensors do not match the config (missing {sorted(missing)[:4]}, unexpected {sorted(extra)[:4]})")
+        for k, v in tensors.items():
+            if v.shape != expected[k].shape:
+                raise CheckpointError(f"{folder / REFT_WEIGHTS}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+        self.interventions.load_state_dict(tensors)
+
+
+def read_reft_config(folder: Path) -> dict[str, Any]:
+    """The saved `reft_config.json`, with a clear error when it is missing or unreadable."""
+    path = folder / REFT_CONFIG
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; {folder} does not hold a ReFT stage") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the file is corrupt or truncated") from None
+
+
+def reft_config_from_saved(meta: dict[str, Any]) -> ReftConfig:
+    """The ReftConfig that rebuilds the interventions described by a saved `reft_config.json`."""
+    return ReftConfig(
+        kind=meta["kind"], rank=meta["rank"], layers=tuple(meta["layers"]),
+        positions=PositionsConfig(**meta["positions"]), tied=meta["tied"], init=meta["init"], dropout=meta["dropout"],
+    )

@@ -1,0 +1,159 @@
+"""The training loop: plain PyTorch, with accelerate for devices and mixed precision.
+
+The loss is the cross-entropy of the answer tokens only, and logits are computed only at the last
+`max_answer_len + 1` positions of the left-padded batch (`logits_to_keep`): the vocabulary head over
+every position would otherwise be a large share of each step on a small model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import StageConfig
+from .data import BucketBatches, Encoded, train_batch
+from .errors import HeftError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    optimizer_steps: int
+    epochs: float
+    train_seconds: float
+    tokens: int
+    final_loss: float
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast where it pays: any recent GPU, or a CPU with native bf16 (AVX512-BF16 / AMX)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def model_forward(model: nn.Module, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+    """Logits (B, keep, V) of the last `keep` positions; ReFT models also get the prompt positions."""
+    kwargs: dict[str, Any] = dict(attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                                  logits_to_keep=keep, use_cache=False)
+    inner = getattr(model, "module", model)  # DDP wraps the model in `.module`
+    if hasattr(inner, "interventions"):
+        kwargs.update(prompt_start=batch["prompt_start"], prompt_len=batch["prompt_len"])
+    return model(input_ids=batch["input_ids"], **kwargs).logits
+
+
+def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens; logits (B, K, V) vs targets (B, K-1)."""
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def lr_lambda(stage: StageConfig, total_steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < stage.warmup_steps:
+            return (step + 1) / (stage.warmup_steps + 1)
+        if stage.scheduler == "constant":
+            return 1.0
+        progress = (step - stage.warmup_steps) / max(1, total_steps - stage.warmup_steps)
+        if stage.scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float, no_decay: set[str]) -> list[dict]:
+    decay = [p for n, p in named if n not in no_decay]
+    rest = [p for n, p in named if n in no_decay]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}) if g["params"]]
+
+
+def train_stage(
+    model: nn.Module,
+    trainable: list[tuple[str, nn.Parameter]],
+    no_decay: set[str],
+    rows: list[Encoded],
+    stage: StageConfig,
+    *,
+    accelerator: Any,
+    pad_id: int,
+    seed: int,
+    bucketing: bool,
+    log_path: Path,
+    log_every: int = 10,
+    on_epoch_end: Callable[[int, float, int], None] | None = None,
+    desc: str = "train",
+) -> StageResult:
+    """Train `trainable` (everything else frozen) on `rows` for `stage.epochs` epochs."""
+    if not rows:
+        raise HeftError("training data is empty: no rows to train on (check data.train_size and the data files)")
+    batches = BucketBatches([len(r.prompt) + len(r.answers[r.label]) for r in rows], stage.batch_size, seed, bucketing)
+    total_micro = max(1, round(stage.epochs * len(batches)))
+    total_steps = math.ceil(total_micro / stage.grad_accum)
+    optimizer = torch.optim.AdamW(param_groups(trainable, stage.weight_decay, no_decay), lr=stage.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage, total_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for _, p in trainable]
+    model.train()
+    torch.manual_seed(seed)  # dropout masks depend only on the seed
+    start, tokens, step, loss_sum, loss_n, last_loss = time.perf_counter(), 0, 0, 0.0, 0, float("nan")
+    device = accelerator.device
+    bar = tqdm(total=total_micro, desc=desc, unit="batch", disable=not accelerator.is_main_process, mininterval=2.0)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a") as log:
+        prev_epoch = 0
+        for micro, (epoch, idx) in enumerate(batches.iterate(total_micro)):
+            if epoch != prev_epoch and on_epoch_end is not None:
+                on_epoch_end(prev_epoch + 1, time.perf_counter() - start, tokens)
+            prev_epoch = epoch
+            batch = {k: v.to(device) for k, v in train_batch([rows[i] for i in idx], pad_id).items()}
+            keep = int(batch.pop("logits_to_keep"))
+            with accelerator.autocast():
+                loss = answer_loss(model_forward(model, batch, keep), batch["targets"])
+            if not torch.isfinite(loss):
+                raise HeftError(f"{desc}: non-finite loss ({loss.item()}) at optimizer step {step + 1}, batch {micro + 1}; "
+                                "lower the learning rate or use precision: fp32")
+            accelerator.backward(loss / stage.grad_accum)
+            tokens += int(batch["attention_mask"].sum())
+            loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
+            if (micro + 1) % stage.grad_accum == 0 or micro + 1 == total_micro:
+                norm = accelerator.clip_grad_norm_(params, stage.max_grad_norm)
+                if not torch.isfinite(norm):
+                    raise HeftError(f"{desc}: non-finite gradient norm at optimizer step {step + 1}; "
+                                    "lower the learning rate or use precision: fp32")
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if step % log_every == 0 or micro + 1 == total_micro:
+                    last_loss = float(loss_sum) / loss_n  # one host sync per log line, not per step
+                    record = {"step": step, "epoch": round((micro + 1) / len(batches), 4), "loss": round(last_loss, 6),
+                              "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(norm), 6), "tokens": tokens,
+                              "seconds": round(time.perf_counter() - start, 2)}
+                    if accelerator.is_main_process:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                    bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+                    loss_sum, loss_n = 0.0, 0
+            bar.update(1)
+    bar.close()
+    if on_epoch_end is not None:
+        on_epoch_end(prev_epoch + 1, time.perf_counter() - start, tokens)
+    model.eval()
+    return StageResult(step, total_micro / len(batches), time.perf_counter() - start, tokens, last_loss)
