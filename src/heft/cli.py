@@ -92,6 +92,8 @@ def cmd_predict(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> i
     from .pipeline import load_run
 
     s, cfg = load_run(Path(args.run))
+    if cfg.data.prompt_format == "passage" and not (args.passage or "").strip():
+        raise ConfigError("--passage: this run was trained with passages (data.prompt_format: passage); give --passage TEXT")
     ex: Example = parse_row({"question": args.question, "passage": args.passage or "", "answer": False},
                             "command line", need_passage=cfg.data.prompt_format == "passage")
     pred = s.evaluate([ex])[0]

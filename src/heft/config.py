@@ -9,6 +9,7 @@ together in one `ConfigError` naming each field, the bad value and the fix.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -147,7 +148,8 @@ class RunConfig:
     length_bucketing: bool = True
     """Batch rows of similar length together (shuffled batches), cutting padding."""
     log_every: int = 10
-    """Steps between progress-bar/log updates."""
+    """Every optimizer step gets a line in `train_log.jsonl`; they are read from the device (one host sync)
+    and written every `log_every` steps. Non-finite losses are caught at that point too."""
 
     def label(self) -> str:
         """The strategy name shown in reports."""
@@ -321,12 +323,27 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but reading `1e-4` as a number as YAML 1.2 does (YAML 1.1 wants `1.0e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def _parse_scalar(text: str) -> Any:
     """A CLI value as YAML would read it (`1e-4` -> float, `[2, 10]` -> list, `null` -> None)."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str) and text.lower().replace(".", "", 1).replace("e-", "", 1).replace("e", "", 1).isdigit():
-        return float(text)  # YAML 1.1 reads `1e-4` as a string
-    return value
+    try:
+        return read_yaml(text)
+    except yaml.YAMLError:
+        return text  # not YAML (e.g. an unbalanced bracket): keep the text; type checks report it
 
 
 def apply_override(raw: dict[str, Any], dotted: str, text: str) -> None:
@@ -335,6 +352,8 @@ def apply_override(raw: dict[str, Any], dotted: str, text: str) -> None:
     node: Any = raw
     for i, key in enumerate(keys[:-1]):
         nxt_is_index = keys[i + 1].isdigit()
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--{dotted}: `{'.'.join(keys[:i])}` is not a section, it is {node!r}")
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
                 raise ConfigError(f"--{dotted}: index {key} is out of range (the list has {len(node)} items)")
@@ -362,7 +381,7 @@ def load(path: str | Path | None, overrides: list[tuple[str, str]] = ()) -> RunC
         if not p.is_file():
             raise ConfigError(f"--config: no such file {str(p)!r}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = read_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"--config: {p} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):

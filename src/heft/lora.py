@@ -35,10 +35,14 @@ def peft_config(cfg: LoraConfig):
 
 def attach(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """Wrap `model` with a fresh, trainable LoRA adapter (PEFT `PeftModel`)."""
+    import warnings
+
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, peft_config(cfg))
+        with warnings.catch_warnings():  # PEFT calls a transformers API deprecated in v5; not ours to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, peft_config(cfg))
     except ValueError as e:  # PEFT says which target modules it could not find
         raise ConfigError(f"lora.target_modules: {e}. Use `all-linear` or names of linear layers in this model") from None
 

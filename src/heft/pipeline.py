@@ -144,11 +144,13 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, reuse: dict
               snapshot_epochs: bool = False) -> dict[str, Any]:
     """Train every stage of `cfg`, evaluate, and write the run folder `out`. Returns metrics.json's content."""
     reuse = reuse or {}
-    check_out_dir(out, overwrite)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        check_out_dir(out, overwrite)  # fail before any work
+    splits = load_splits(cfg.data)  # bad data stops the run before anything is written
     s = Session(cfg)
+    check_out_dir(out, overwrite)
     io.write_text(out / "config.yaml", dump_yaml(cfg))
     io.write_json(out / "meta.json", _meta(cfg, s.accelerator, s.model_path))
-    splits = load_splits(cfg.data, with_train=bool(cfg.stages))
     total_params, total_seconds, total_epochs, stage_info = 0, 0.0, 0.0, []
     for i, stage in enumerate(cfg.stages):
         folder = out / "stages" / stage_dir_name(i, stage)
@@ -173,10 +175,12 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, reuse: dict
             enc = s.encoder(stage)
             rows = [enc.encode(x) for x in splits.train]
 
-            def snapshot(epoch: int, seconds: float, tokens: int) -> None:
+            def snapshot(epoch: int, r: StageResult) -> None:
                 if snapshot_epochs and stage.method == "lora" and epoch < stage.epochs:
                     lora.save(s.model, folder / f"epoch-{epoch}" / "adapter")
-                    io.write_json(folder / f"epoch-{epoch}" / "progress.json", {"epoch": epoch, "train_seconds": seconds, "tokens": tokens})
+                    io.write_json(folder / f"epoch-{epoch}" / "progress.json",
+                                  {"epoch": epoch, "optimizer_steps": r.optimizer_steps, "train_seconds": r.train_seconds,
+                                   "tokens": r.tokens, "loss": r.final_loss})
 
             no_decay = {f"reft.{n}" for n in no_decay_names(s.reft.interventions)} if s.reft is not None else set()
             no_decay |= {n for n, _ in named if n.endswith("bias")}

@@ -21,10 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import io
-from .config import RunConfig, StageConfig, apply_override, dump_yaml, from_dict
+from .config import RunConfig, StageConfig, apply_override, dump_yaml, from_dict, read_yaml, stage_dir_name
 from .errors import ConfigError
 from .pipeline import Reuse, train_run
 from .train import StageResult
@@ -40,7 +38,7 @@ def read_suite(path: Path, overrides: list[tuple[str, str]]) -> dict[str, RunCon
     """Strategy name -> resolved RunConfig."""
     if not path.is_file():
         raise ConfigError(f"--config: no such file {str(path)!r}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path.read_text()) or {}
     unknown = set(raw) - {"common", "strategies"}
     if unknown or not isinstance(raw.get("strategies"), dict):
         raise ConfigError(f"{path}: a suite has `common:` and `strategies:` (name -> list of stages); found {sorted(raw)}")
@@ -97,10 +95,10 @@ def find_prefix(cfg: RunConfig, done: dict[str, tuple[RunConfig, Path]]) -> dict
             continue
         theirs = other.stages[0]
         if _lora_setup(other) == _lora_setup(cfg) and _same_except_epochs(mine, theirs) and theirs.epochs > mine.epochs:
-            snap = next((folder / "stages").iterdir()) / f"epoch-{int(mine.epochs)}"
-            if (snap / "adapter").is_dir():
+            snap = folder / "stages" / stage_dir_name(0, theirs) / f"epoch-{int(mine.epochs)}"
+            if (snap / "adapter").is_dir():  # only written where an epoch ends on an optimizer step
                 p = io.read_json(snap / "progress.json")
-                result = StageResult(0, float(mine.epochs), p["train_seconds"], p["tokens"], float("nan"))
+                result = StageResult(p["optimizer_steps"], float(mine.epochs), p["train_seconds"], p["tokens"], p["loss"])
                 return {0: Reuse(snap / "adapter", result, f"{name} (epoch {int(mine.epochs)} snapshot)")}
     return {}
 

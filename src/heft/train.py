@@ -33,7 +33,7 @@ class StageResult:
     epochs: float
     train_seconds: float
     tokens: int
-    final_loss: float
+    final_loss: float | None
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -97,7 +97,7 @@ def train_stage(
     bucketing: bool,
     log_path: Path,
     log_every: int = 10,
-    on_epoch_end: Callable[[int, float, int], None] | None = None,
+    on_epoch_end: Callable[[int, "StageResult"], None] | None = None,
     desc: str = "train",
 ) -> StageResult:
     """Train `trainable` (everything else frozen) on `rows` for `stage.epochs` epochs."""
@@ -112,48 +112,64 @@ def train_stage(
     params = [p for _, p in trainable]
     model.train()
     torch.manual_seed(seed)  # dropout masks depend only on the seed
-    start, tokens, step, loss_sum, loss_n, last_loss = time.perf_counter(), 0, 0, 0.0, 0, float("nan")
+    start, tokens, step = time.perf_counter(), 0, 0
+    last_loss: float | None = None
+    pending: list[dict[str, Any]] = []  # per-step records whose loss/grad-norm tensors are not read yet
+    micro_losses: list[torch.Tensor] = []
     device = accelerator.device
     bar = tqdm(total=total_micro, desc=desc, unit="batch", disable=not accelerator.is_main_process, mininterval=2.0)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def flush(log: Any) -> None:
+        """Read the buffered tensors in one host sync, check them, write one JSON line per step."""
+        nonlocal last_loss
+        if not pending:
+            return
+        values = torch.stack([torch.stack([r["loss"], r["grad_norm"]]) for r in pending]).tolist()
+        for r, (loss_v, norm_v) in zip(pending, values):
+            if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
+                what = "loss" if not math.isfinite(loss_v) else "gradient norm"
+                raise HeftError(f"{desc}: non-finite {what} ({loss_v if what == 'loss' else norm_v}) at optimizer step "
+                                f"{r['step']}; lower the learning rate (stage lr) or use precision: fp32")
+            r.update(loss=round(loss_v, 6), grad_norm=round(norm_v, 6))
+            if accelerator.is_main_process:
+                log.write(json.dumps(r) + "\n")
+        log.flush()
+        last_loss = values[-1][0]
+        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+        pending.clear()
+
     with log_path.open("a") as log:
         prev_epoch = 0
         for micro, (epoch, idx) in enumerate(batches.iterate(total_micro)):
-            if epoch != prev_epoch and on_epoch_end is not None:
-                on_epoch_end(prev_epoch + 1, time.perf_counter() - start, tokens)
+            if epoch != prev_epoch and on_epoch_end is not None and micro % stage.grad_accum == 0:
+                # Only where the epoch ends on an optimizer step: then the state equals a shorter run's end.
+                flush(log)
+                on_epoch_end(prev_epoch + 1, StageResult(step, prev_epoch + 1, time.perf_counter() - start, tokens, last_loss))
             prev_epoch = epoch
-            batch = {k: v.to(device) for k, v in train_batch([rows[i] for i in idx], pad_id).items()}
-            keep = int(batch.pop("logits_to_keep"))
+            cpu_batch = train_batch([rows[i] for i in idx], pad_id)
+            keep = int(cpu_batch.pop("logits_to_keep"))
+            tokens += int(cpu_batch["attention_mask"].sum())
+            batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
             with accelerator.autocast():
                 loss = answer_loss(model_forward(model, batch, keep), batch["targets"])
-            if not torch.isfinite(loss):
-                raise HeftError(f"{desc}: non-finite loss ({loss.item()}) at optimizer step {step + 1}, batch {micro + 1}; "
-                                "lower the learning rate or use precision: fp32")
             accelerator.backward(loss / stage.grad_accum)
-            tokens += int(batch["attention_mask"].sum())
-            loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
+            micro_losses.append(loss.detach())
             if (micro + 1) % stage.grad_accum == 0 or micro + 1 == total_micro:
                 norm = accelerator.clip_grad_norm_(params, stage.max_grad_norm)
-                if not torch.isfinite(norm):
-                    raise HeftError(f"{desc}: non-finite gradient norm at optimizer step {step + 1}; "
-                                    "lower the learning rate or use precision: fp32")
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                if step % log_every == 0 or micro + 1 == total_micro:
-                    last_loss = float(loss_sum) / loss_n  # one host sync per log line, not per step
-                    record = {"step": step, "epoch": round((micro + 1) / len(batches), 4), "loss": round(last_loss, 6),
-                              "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(norm), 6), "tokens": tokens,
-                              "seconds": round(time.perf_counter() - start, 2)}
-                    if accelerator.is_main_process:
-                        log.write(json.dumps(record) + "\n")
-                        log.flush()
-                    bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
-                    loss_sum, loss_n = 0.0, 0
+                pending.append({"step": step, "epoch": round((micro + 1) / len(batches), 4),
+                                "loss": torch.stack(micro_losses).mean().float(), "grad_norm": norm.detach().float(),
+                                "lr": scheduler.get_last_lr()[0], "tokens": tokens,
+                                "seconds": round(time.perf_counter() - start, 2)})
+                micro_losses = []
+                if step % log_every == 0:
+                    flush(log)
             bar.update(1)
+        flush(log)
     bar.close()
-    if on_epoch_end is not None:
-        on_epoch_end(prev_epoch + 1, time.perf_counter() - start, tokens)
     model.eval()
     return StageResult(step, total_micro / len(batches), time.perf_counter() - start, tokens, last_loss)
