@@ -63,8 +63,15 @@ def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
     from .config import load
     from .pipeline import train_run
 
+    out = Path(args.out)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one")
+    if args.resume == "yes" and not (out / "config.yaml").is_file():
+        raise ConfigError(f"--resume: {out} holds no run to continue; drop --resume (or use --resume auto)")
+    if args.resume and args.config is None and (out / "config.yaml").is_file():
+        args.config = str(out / "config.yaml")  # `heft train --out DIR --resume` continues DIR as it was configured
     cfg = load(args.config, overrides)
-    m = train_run(cfg, Path(args.out), overwrite=args.overwrite)
+    m = train_run(cfg, out, overwrite=args.overwrite, resume=bool(args.resume))
     lo, hi = m["ci95"]
     print(f"{m['strategy']}: accuracy {m['accuracy']:.2%} [{lo:.2%}, {hi:.2%}] on {m['n']} rows "
           f"(majority baseline {m['majority_baseline']:.2%}); wrote {args.out}")
@@ -118,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="run YAML; fields can be overridden with --section.field value")
     t.add_argument("--out", required=True, help="output run folder (must be new or empty)")
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    t.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"],
+                   help="continue the run in --out from its latest checkpoint (`auto`: if there is one, else start)")
     e = sub.add_parser("eval", help="reload a run folder and re-evaluate it")
     e.add_argument("run", help="a run folder written by heft train/run")
     e.add_argument("--json", action="store_true", help="also print the metrics as JSON")

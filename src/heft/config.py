@@ -147,6 +147,8 @@ class RunConfig:
     """`auto`: bf16 autocast where the device supports it (CPU with AVX512-BF16/AMX or any recent GPU), else fp32."""
     length_bucketing: bool = True
     """Batch rows of similar length together (shuffled batches), cutting padding."""
+    checkpoint_every: int = 0
+    """Also checkpoint every N optimizer steps (0: only at epoch ends). `heft train --resume` continues from the latest."""
     log_every: int = 10
     """Every optimizer step gets a line in `train_log.jsonl`; they are read from the device (one host sync)
     and written every `log_every` steps. Non-finite losses are caught at that point too."""
@@ -279,6 +281,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         need(len(set(r.layers)) == len(r.layers), f"reft.layers: duplicate layer indices in {list(r.layers)}")
         need(all(i >= 0 for i in r.layers), f"reft.layers: indices must be >= 0, got {list(r.layers)}")
     need(cfg.log_every > 0, f"log_every: must be positive, got {cfg.log_every}")
+    need(cfg.checkpoint_every >= 0, f"checkpoint_every: must be >= 0 (0: epoch ends only), got {cfg.checkpoint_every}")
     need(cfg.eval.batch_size > 0, f"eval.batch_size: must be positive, got {cfg.eval.batch_size}")
     for i, s in enumerate(cfg.stages):
         w = f"stages[{i}]"

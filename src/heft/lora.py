@@ -9,11 +9,15 @@ merges it into the weights or keeps it as a frozen adapter for the next stage.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 from torch import nn
 
+from . import io
 from .config import LoraConfig
 from .errors import CheckpointError, ConfigError
 
@@ -21,6 +25,14 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """PEFT calls a transformers API deprecated in v5 (`is_gradient_checkpointing`): not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def peft_config(cfg: LoraConfig):
@@ -35,21 +47,19 @@ def peft_config(cfg: LoraConfig):
 
 def attach(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """Wrap `model` with a fresh, trainable LoRA adapter (PEFT `PeftModel`)."""
-    import warnings
-
     from peft import get_peft_model
 
     try:
-        with warnings.catch_warnings():  # PEFT calls a transformers API deprecated in v5; not ours to fix
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with _quiet_peft():
             return get_peft_model(model, peft_config(cfg))
     except ValueError as e:  # PEFT says which target modules it could not find
         raise ConfigError(f"lora.target_modules: {e}. Use `all-linear` or names of linear layers in this model") from None
 
 
 def save(peft_model: nn.Module, folder: Path) -> None:
-    """Save only the adapter, in PEFT's format."""
-    peft_model.save_pretrained(str(folder))
+    """Save only the adapter, in PEFT's format, atomically (a crash leaves the old folder or the new one)."""
+    with io.atomic_dir(folder) as tmp:
+        peft_model.save_pretrained(str(tmp))
 
 
 def load(model: nn.Module, folder: Path, merge: bool) -> nn.Module:
@@ -60,7 +70,8 @@ def load(model: nn.Module, folder: Path, merge: bool) -> nn.Module:
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder / name}: missing; {folder} does not hold a LoRA adapter")
     try:
-        wrapped = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+        with _quiet_peft():
+            wrapped = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     except Exception as e:  # PEFT/safetensors raise many types for mismatched or corrupt files
         raise CheckpointError(f"{folder}: cannot load the LoRA adapter onto this base model ({type(e).__name__}: {e})") from None
     if merge:

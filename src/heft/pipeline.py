@@ -140,77 +140,121 @@ def _stage_params(s: Session, method: str) -> list[tuple[str, nn.Parameter]]:
     return named
 
 
-def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, reuse: dict[int, Reuse] | None = None,
-              snapshot_epochs: bool = False) -> dict[str, Any]:
-    """Train every stage of `cfg`, evaluate, and write the run folder `out`. Returns metrics.json's content."""
-    reuse = reuse or {}
+def _train_stage(s: Session, cfg: RunConfig, i: int, stage: StageConfig, folder: Path, train_rows: list[Example],
+                 reuse: Reuse | None, snapshot_epochs: bool, resuming: bool) -> dict[str, Any]:
+    """Train (or take from `reuse`) one stage, save its adapters, leave them frozen on the session."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if stage.method in ("lora", "joint"):
+        s.model = lora.attach(s.model, cfg.lora)
+    if stage.method in ("reft", "joint"):
+        s.add_reft()
+    named = _stage_params(s, stage.method)
+    check_trainable(s.top, named, stage_dir_name(i, stage))
+    info: dict[str, Any] = {"index": i, "method": stage.method, "trainable_params": count(named)}
+    if reuse is not None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(s.model, load_file(str(reuse.adapter_dir / lora.ADAPTER_WEIGHTS)))
+        result, info["reused_from"] = reuse.result, reuse.source
+        logger.info("stage %d (%s): reused from %s", i, stage.method, reuse.source)
+    else:
+        enc = s.encoder(stage)
+        rows = [enc.encode(x) for x in train_rows]
+
+        def snapshot(epoch: int, r: StageResult) -> None:
+            if snapshot_epochs and stage.method == "lora" and epoch < stage.epochs:
+                lora.save(s.model, folder / f"epoch-{epoch}" / "adapter")
+                io.write_json(folder / f"epoch-{epoch}" / "progress.json",
+                              {"epoch": epoch, "optimizer_steps": r.optimizer_steps, "train_seconds": r.train_seconds,
+                               "tokens": r.tokens, "loss": r.final_loss})
+
+        no_decay = {f"reft.{n}" for n in no_decay_names(s.reft.interventions)} if s.reft is not None else set()
+        no_decay |= {n for n, _ in named if n.endswith("bias")}
+        result = train_stage(s.top, named, no_decay, rows, stage, accelerator=s.accelerator,
+                             pad_id=s.tokenizer.pad_token_id, seed=cfg.seed + i, bucketing=cfg.length_bucketing,
+                             log_path=folder / "train_log.jsonl", log_every=cfg.log_every, on_epoch_end=snapshot,
+                             desc=f"{cfg.label()} stage {i} ({stage.method})", checkpoint_dir=folder / "checkpoints",
+                             checkpoint_every=cfg.checkpoint_every, resume=resuming)
+    if stage.method in ("lora", "joint"):
+        lora.save(s.model, folder / "adapter")
+    if stage.method in ("reft", "joint"):
+        s.reft.save(folder)
+    if stage.method in ("lora", "joint"):
+        s.model = lora.finish(s.model, cfg.lora.merge)
+        if s.reft is not None:
+            s.reft.model = s.model
+    info.update(optimizer_steps=result.optimizer_steps, epochs=result.epochs, train_seconds=round(result.train_seconds, 2),
+                tokens=result.tokens, final_loss=result.final_loss)
+    io.write_json(folder / "stage.json", info)  # the stage counts as finished from here on
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    return info
+
+
+def _apply_finished_stage(s: Session, cfg: RunConfig, stage: StageConfig, sdir: Path) -> None:
+    """Put a finished stage's saved adapters on the session's model, as training left them."""
+    if stage.method in ("lora", "joint"):
+        s.model = lora.load(s.model, sdir / "adapter", merge=cfg.lora.merge)
+        if s.reft is not None:
+            s.reft.model = s.model
+    if stage.method in ("reft", "joint"):
+        s.add_reft().load_weights(sdir)
+
+
+def _prepare_out(cfg: RunConfig, out: Path, overwrite: bool, resume: bool) -> bool:
+    """Check the output folder before any work; True when continuing a run already in it."""
+    has_run = (out / "config.yaml").is_file()
+    if resume and has_run:
+        if (out / "config.yaml").read_text() != dump_yaml(cfg):
+            raise ConfigError(f"--resume: {out} holds a run with a different config; resume it with its own "
+                              f"config ({out / 'config.yaml'}), or use --overwrite or a new --out")
+        return True
     if out.exists() and any(out.iterdir()) and not overwrite:
-        check_out_dir(out, overwrite)  # fail before any work
+        what = "a finished run" if (out / "metrics.json").is_file() else ("an unfinished run" if has_run else "files")
+        raise ConfigError(f"--out: {out} is not empty (it holds {what}); pass --resume to continue the run in it, "
+                          "--overwrite to replace it, or choose a new folder")
+    return False
+
+
+def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: bool = False,
+              reuse: dict[int, Reuse] | None = None, snapshot_epochs: bool = False) -> dict[str, Any]:
+    """Train every stage of `cfg`, evaluate, and write the run folder `out`. Returns metrics.json's content.
+
+    With `resume`, a run folder of the same config continues: finished stages are loaded, the
+    interrupted one continues from its latest checkpoint, a finished run is returned as it is.
+    """
+    reuse = reuse or {}
+    resuming = _prepare_out(cfg, out, overwrite, resume)
+    if resuming and (out / "metrics.json").is_file():
+        logger.info("%s: the run is already finished", out)
+        return io.read_json(out / "metrics.json")
     splits = load_splits(cfg.data)  # bad data stops the run before anything is written
     s = Session(cfg)
-    check_out_dir(out, overwrite)
-    io.write_text(out / "config.yaml", dump_yaml(cfg))
-    io.write_json(out / "meta.json", _meta(cfg, s.accelerator, s.model_path))
+    if not resuming:
+        check_out_dir(out, overwrite)
+        io.write_text(out / "config.yaml", dump_yaml(cfg))
+        io.write_json(out / "meta.json", _meta(cfg, s.accelerator, s.model_path))
     total_params, total_seconds, total_epochs, stage_info = 0, 0.0, 0.0, []
     for i, stage in enumerate(cfg.stages):
         folder = out / "stages" / stage_dir_name(i, stage)
-        folder.mkdir(parents=True, exist_ok=True)
-        if stage.method in ("lora", "joint"):
-            s.model = lora.attach(s.model, cfg.lora)
-        if stage.method in ("reft", "joint"):
-            s.add_reft()
-        named = _stage_params(s, stage.method)
-        check_trainable(s.top, named, stage_dir_name(i, stage))
-        info: dict[str, Any] = {"index": i, "method": stage.method, "trainable_params": count(named)}
-        if i in reuse:
-            r = reuse[i]
-            shutil.copytree(r.adapter_dir, folder / "adapter")
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(s.model, load_file(str(r.adapter_dir / lora.ADAPTER_WEIGHTS)))
-            result, info["reused_from"] = r.result, r.source
-            logger.info("stage %d (%s): reused from %s", i, stage.method, r.source)
+        if resuming and (folder / "stage.json").is_file():
+            _apply_finished_stage(s, cfg, stage, folder)
+            info = io.read_json(folder / "stage.json")
+            logger.info("stage %d (%s): finished before the restart, loaded from %s", i, stage.method, folder)
         else:
-            enc = s.encoder(stage)
-            rows = [enc.encode(x) for x in splits.train]
-
-            def snapshot(epoch: int, r: StageResult) -> None:
-                if snapshot_epochs and stage.method == "lora" and epoch < stage.epochs:
-                    lora.save(s.model, folder / f"epoch-{epoch}" / "adapter")
-                    io.write_json(folder / f"epoch-{epoch}" / "progress.json",
-                                  {"epoch": epoch, "optimizer_steps": r.optimizer_steps, "train_seconds": r.train_seconds,
-                                   "tokens": r.tokens, "loss": r.final_loss})
-
-            no_decay = {f"reft.{n}" for n in no_decay_names(s.reft.interventions)} if s.reft is not None else set()
-            no_decay |= {n for n, _ in named if n.endswith("bias")}
-            result = train_stage(s.top, named, no_decay, rows, stage, accelerator=s.accelerator,
-                                 pad_id=s.tokenizer.pad_token_id, seed=cfg.seed + i, bucketing=cfg.length_bucketing,
-                                 log_path=folder / "train_log.jsonl", log_every=cfg.log_every, on_epoch_end=snapshot,
-                                 desc=f"{cfg.label()} stage {i} ({stage.method})")
-            if stage.method in ("lora", "joint"):
-                lora.save(s.model, folder / "adapter")
-        if stage.method in ("reft", "joint"):
-            s.reft.save(folder)
-        if stage.method in ("lora", "joint"):
-            s.model = lora.finish(s.model, cfg.lora.merge)
-            if s.reft is not None:
-                s.reft.model = s.model
+            info = _train_stage(s, cfg, i, stage, folder, splits.train, reuse.get(i), snapshot_epochs, resuming)
         s.top.requires_grad_(False)
-        info.update(optimizer_steps=result.optimizer_steps, epochs=result.epochs, train_seconds=round(result.train_seconds, 2),
-                    tokens=result.tokens, final_loss=result.final_loss)
-        io.write_json(folder / "stage.json", info)
         stage_info.append(info)
         total_params += info["trainable_params"]
-        total_seconds += result.train_seconds
-        total_epochs += result.epochs
+        total_seconds += info["train_seconds"]
+        total_epochs += info["epochs"]
     preds = s.evaluate(splits.eval)
     io.write_jsonl(out / "predictions.jsonl", preds)
     majority = majority_label(splits.train) if splits.train else True
     metrics = {
         "strategy": cfg.label(), **accuracy(preds), "eval_split": cfg.data.eval_split,
         "majority_label": majority, "majority_baseline": sum(r.label == majority for r in splits.eval) / len(splits.eval),
-        "trainable_params": total_params, "train_seconds": round(total_seconds, 2), "epochs": total_epochs,
+        "trainable_params": total_params, "train_seconds": round(total_seconds, 2), "epochs": round(total_epochs, 6),
         "train_rows": len(splits.train), "stages": stage_info,
     }
     io.write_json(out / "metrics.json", metrics)
@@ -224,13 +268,7 @@ def load_run(folder: Path, **model_overrides: Any) -> tuple[Session, RunConfig]:
     cfg = load(folder / "config.yaml")
     s = Session(cfg)
     for i, stage in enumerate(cfg.stages):
-        sdir = folder / "stages" / stage_dir_name(i, stage)
-        if stage.method in ("lora", "joint"):
-            s.model = lora.load(s.model, sdir / "adapter", merge=cfg.lora.merge)
-            if s.reft is not None:
-                s.reft.model = s.model
-        if stage.method in ("reft", "joint"):
-            s.add_reft().load_weights(sdir)
+        _apply_finished_stage(s, cfg, stage, folder / "stages" / stage_dir_name(i, stage))
     s.top.requires_grad_(False)
     return s, cfg
 

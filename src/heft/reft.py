@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from . import __version__, io
 from .config import PositionsConfig, ReftConfig
 from .errors import CheckpointError, ConfigError
 
@@ -262,8 +263,13 @@ class ReftModel(nn.Module):
         self.consolidate()
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.interventions.state_dict().items()}
-        save_file(tensors, str(folder / REFT_WEIGHTS), metadata={"format": "heft-reft"})
-        (folder / REFT_CONFIG).write_text(json.dumps(self.reft_config_dict(), indent=2))
+        tmp = io.atomic_file(folder / REFT_WEIGHTS)
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "heft-reft"})
+            os.replace(tmp, folder / REFT_WEIGHTS)
+        finally:
+            tmp.unlink(missing_ok=True)
+        io.write_json(folder / REFT_CONFIG, self.reft_config_dict())
 
     def load_weights(self, folder: Path) -> None:
         """Load weights saved by `save`, after checking they fit this model."""

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import checkpoint
 from .config import StageConfig
 from .data import BucketBatches, Encoded, train_batch
 from .errors import HeftError
@@ -64,6 +65,21 @@ def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (the killed run got further)."""
+    if path.is_file():
+        lines = []
+        for ln in path.read_text().splitlines():
+            try:
+                if json.loads(ln)["step"] <= step:
+                    lines.append(ln)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a line cut short by the crash
+        from .io import write_text
+
+        write_text(path, "".join(ln + "\n" for ln in lines))
+
+
 def lr_lambda(stage: StageConfig, total_steps: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if step < stage.warmup_steps:
@@ -99,8 +115,15 @@ def train_stage(
     log_every: int = 10,
     on_epoch_end: Callable[[int, "StageResult"], None] | None = None,
     desc: str = "train",
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
 ) -> StageResult:
-    """Train `trainable` (everything else frozen) on `rows` for `stage.epochs` epochs."""
+    """Train `trainable` (everything else frozen) on `rows` for `stage.epochs` epochs.
+
+    With `checkpoint_dir`, a checkpoint is written every `checkpoint_every` optimizer steps (0: never
+    mid-epoch) and at each epoch end; `resume` continues from the latest one, bit-identically on CPU.
+    """
     if not rows:
         raise HeftError("training data is empty: no rows to train on (check data.train_size and the data files)")
     batches = BucketBatches([len(r.prompt) + len(r.answers[r.label]) for r in rows], stage.batch_size, seed, bucketing)
@@ -112,8 +135,14 @@ def train_stage(
     params = [p for _, p in trainable]
     model.train()
     torch.manual_seed(seed)  # dropout masks depend only on the seed
-    start, tokens, step = time.perf_counter(), 0, 0
-    last_loss: float | None = None
+    done = checkpoint.Progress()
+    ckpt = checkpoint.latest(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
+    if ckpt is not None:
+        done = checkpoint.restore(ckpt, trainable, optimizer, scheduler)
+        logger.info("%s: resuming from %s (optimizer step %d)", desc, ckpt, done.step)
+        _truncate_log(log_path, done.step)
+    start, tokens, step = time.perf_counter() - done.seconds, done.tokens, done.step
+    last_loss: float | None = done.last_loss
     pending: list[dict[str, Any]] = []  # per-step records whose loss/grad-norm tensors are not read yet
     micro_losses: list[torch.Tensor] = []
     device = accelerator.device
@@ -139,13 +168,28 @@ def train_stage(
         bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
         pending.clear()
 
+    saved_at = [done.step]
+
+    def save_checkpoint(micro_done: int, log: Any) -> None:
+        if checkpoint_dir is not None and accelerator.is_main_process and saved_at[0] != step:
+            saved_at[0] = step
+            flush(log)  # never checkpoint past a non-finite loss
+            checkpoint.save(checkpoint_dir, trainable, optimizer, scheduler,
+                            checkpoint.Progress(step, micro_done, tokens, time.perf_counter() - start, last_loss))
+
+    bar.update(done.micro)
     with log_path.open("a") as log:
-        prev_epoch = 0
+        prev_epoch = None
         for micro, (epoch, idx) in enumerate(batches.iterate(total_micro)):
-            if epoch != prev_epoch and on_epoch_end is not None and micro % stage.grad_accum == 0:
+            if micro < done.micro:
+                prev_epoch = epoch
+                continue  # already trained before the restart; the order is a pure function of (seed, epoch)
+            if prev_epoch is not None and epoch != prev_epoch and micro % stage.grad_accum == 0 and micro > done.micro:
                 # Only where the epoch ends on an optimizer step: then the state equals a shorter run's end.
                 flush(log)
-                on_epoch_end(prev_epoch + 1, StageResult(step, prev_epoch + 1, time.perf_counter() - start, tokens, last_loss))
+                if on_epoch_end is not None:
+                    on_epoch_end(prev_epoch + 1, StageResult(step, prev_epoch + 1, time.perf_counter() - start, tokens, last_loss))
+                save_checkpoint(micro, log)
             prev_epoch = epoch
             cpu_batch = train_batch([rows[i] for i in idx], pad_id)
             keep = int(cpu_batch.pop("logits_to_keep"))
@@ -168,6 +212,8 @@ def train_stage(
                 micro_losses = []
                 if step % log_every == 0:
                     flush(log)
+                if checkpoint_every and step % checkpoint_every == 0 and micro + 1 < total_micro:
+                    save_checkpoint(micro + 1, log)
             bar.update(1)
         flush(log)
     bar.close()

@@ -1,0 +1,110 @@
+"""Training checkpoints: everything needed to continue a stage exactly where it stopped.
+
+A checkpoint is a folder `stages/NN-x/checkpoints/step-000120/` holding
+    trainable.safetensors   the stage's trainable tensors, by name
+    optimizer.pt            AdamW state (tensors and numbers only: loaded with weights_only=True)
+    rng.safetensors         torch CPU (and CUDA) generator states
+    state.json              optimizer step, micro-batches done, tokens, seconds, scheduler state
+It is written under a temporary name and renamed into place, then `checkpoints/latest` (a one-line
+file, replaced atomically) is pointed at it, and only then are older checkpoints deleted: a crash at
+any moment leaves a complete latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import io
+from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    micro: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    last_loss: float | None = None
+
+
+def save(folder: Path, trainable: list[tuple[str, nn.Parameter]], optimizer: Any, scheduler: Any,
+         progress: Progress, keep: int = 1) -> Path:
+    """Write checkpoint `folder/step-NNNNNN` atomically, point `latest` at it, prune older ones."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"step-{progress.step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{name}.", suffix=".tmp"))
+    try:
+        save_file({n: p.detach().cpu().contiguous() for n, p in trainable}, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, str(tmp / "rng.safetensors"))
+        io.write_json(tmp / "state.json", {**asdict(progress), "scheduler": scheduler.state_dict()})
+        for f in tmp.iterdir():  # make the data durable before the rename publishes it
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        final = folder / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    io.write_text(folder / LATEST, name + "\n")
+    done = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name != name)
+    for old in done[: max(0, len(done) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest(folder: Path) -> Path | None:
+    """The checkpoint `latest` points at, or None when there is none."""
+    pointer = folder / LATEST
+    if not pointer.is_file():
+        return None
+    target = folder / pointer.read_text().strip()
+    if not (target / "state.json").is_file():
+        raise CheckpointError(f"{pointer}: points at {target.name}, which is missing or incomplete")
+    return target
+
+
+def restore(ckpt: Path, trainable: list[tuple[str, nn.Parameter]], optimizer: Any, scheduler: Any) -> Progress:
+    """Load a checkpoint into live objects; returns where training stopped."""
+    try:
+        tensors = load_file(str(ckpt / "trainable.safetensors"))
+        opt_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        rng = load_file(str(ckpt / "rng.safetensors"))
+        state = json.loads((ckpt / "state.json").read_text())
+    except Exception as e:  # safetensors, torch and json each raise their own types for a damaged file
+        raise CheckpointError(f"{ckpt}: cannot read the checkpoint ({type(e).__name__}: {e}); it is corrupt or truncated") from None
+    names = {n for n, _ in trainable}
+    if set(tensors) != names:
+        raise CheckpointError(f"{ckpt}: its tensors do not match this stage's trainable parameters "
+                              f"(missing {sorted(names - set(tensors))[:3]}, unexpected {sorted(set(tensors) - names)[:3]})")
+    with torch.no_grad():
+        for n, p in trainable:
+            if tensors[n].shape != p.shape:
+                raise CheckpointError(f"{ckpt}: {n} has shape {tuple(tensors[n].shape)}, expected {tuple(p.shape)}")
+            p.copy_(tensors[n])
+    optimizer.load_state_dict(opt_state)
+    scheduler.load_state_dict(state.pop("scheduler"))
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+    return Progress(**state)
