@@ -276,6 +276,10 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     need(r.positions.first >= 0 and r.positions.last >= 0,
          f"reft.positions: first and last must be >= 0, got first={r.positions.first} last={r.positions.last}")
     need(r.positions.first + r.positions.last > 0, "reft.positions: first + last must be > 0 (no position to edit)")
+    shortest = min([d.max_length] + [s.max_length for s in cfg.stages if s.max_length])
+    need(r.positions.first + r.positions.last < shortest,
+         f"reft.positions: first + last = {r.positions.first + r.positions.last} positions do not fit in max_length "
+         f"{shortest} tokens; lower them")
     if isinstance(r.layers, tuple):
         need(len(r.layers) > 0, "reft.layers: an empty list edits nothing; use `all` or list layer indices")
         need(len(set(r.layers)) == len(r.layers), f"reft.layers: duplicate layer indices in {list(r.layers)}")

@@ -31,7 +31,7 @@ from .data import Encoder, Example, load_splits, majority_label
 from .errors import CheckpointError, ConfigError
 from .evaluate import accuracy, generate, score
 from .model import decoder_layers, hidden_size, load_model
-from .reft import ReftModel, no_decay_names
+from .reft import ReftModel, check_fits, no_decay_names
 from .train import StageResult, train_stage, use_bf16
 
 logger = logging.getLogger(__name__)
@@ -230,6 +230,8 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
         return io.read_json(out / "metrics.json")
     splits = load_splits(cfg.data)  # bad data stops the run before anything is written
     s = Session(cfg)
+    if any(st.method in ("reft", "joint") for st in cfg.stages):  # so does a ReFT setup that cannot fit the model
+        check_fits(cfg.reft, len(decoder_layers(s.model, cfg.model.layers_path)), hidden_size(s.model))
     if not resuming:
         check_out_dir(out, overwrite)
         io.write_text(out / "config.yaml", dump_yaml(cfg))

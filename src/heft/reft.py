@@ -117,10 +117,19 @@ class DiReFT(nn.Module):
         pass
 
 
-def make_intervention(cfg: ReftConfig, d: int) -> nn.Module:
-    """One intervention of the configured kind for hidden size d."""
+def check_fits(cfg: ReftConfig, num_layers: int, d: int) -> list[int]:
+    """The edited layer indices, after checking rank and layers against the model."""
     if cfg.rank > d:
         raise ConfigError(f"reft.rank: {cfg.rank} is larger than the model's hidden size {d}; use a rank <= {d}")
+    layer_ids = list(range(num_layers)) if cfg.layers == "all" else sorted(cfg.layers)
+    bad = [i for i in layer_ids if not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(f"reft.layers: {bad} out of range; the model has {num_layers} decoder layers (0..{num_layers - 1})")
+    return layer_ids
+
+
+def make_intervention(cfg: ReftConfig, d: int) -> nn.Module:
+    """One intervention of the configured kind for hidden size d."""
     if cfg.kind == "direft":
         return DiReFT(d, cfg.rank, cfg.init, cfg.dropout)
     return LoReFT(d, cfg.rank, cfg.init, cfg.dropout, orthogonal=cfg.kind == "loreft")
@@ -178,10 +187,7 @@ class ReftModel(nn.Module):
         self.model = model
         self.cfg = cfg
         n = len(decoder_layers)
-        self.layer_ids = list(range(n)) if cfg.layers == "all" else sorted(cfg.layers)
-        bad = [i for i in self.layer_ids if not 0 <= i < n]
-        if bad:
-            raise ConfigError(f"reft.layers: {bad} out of range; the model has {n} decoder layers (0..{n - 1})")
+        self.layer_ids = check_fits(cfg, n, hidden_size)
         self.num_layers = n
         self.hidden_size = hidden_size
         groups = ["both"] if cfg.tied else [g for g in ("first", "last") if getattr(cfg.positions, g) > 0]
