@@ -119,9 +119,9 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     real = train.answer_loss
     calls = {"n": 0}
 
-    def poisoned(logits, targets):
+    def poisoned(logits, targets, reduction="mean"):
         calls["n"] += 1
-        loss = real(logits, targets)
+        loss = real(logits, targets, reduction)
         return loss * float("nan") if calls["n"] == 4 else loss
 
     monkeypatch.setattr(train, "answer_loss", poisoned)

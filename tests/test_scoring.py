@@ -19,7 +19,8 @@ from heft.model import decoder_layers, hidden_size
 from heft.reft import ReftModel
 from heft.train import answer_loss, model_forward
 
-CPU = SimpleNamespace(device=torch.device("cpu"), is_main_process=True, autocast=contextlib.nullcontext)
+CPU = SimpleNamespace(device=torch.device("cpu"), is_main_process=True, autocast=contextlib.nullcontext,
+                      process_index=0, num_processes=1)
 
 
 @pytest.fixture

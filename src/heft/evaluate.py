@@ -57,6 +57,7 @@ def score(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int
     model.eval()
     device = accelerator.device
     order = sorted(range(len(rows)), key=lambda i: -(len(rows[i].prompt)))  # similar lengths together
+    order = order[accelerator.process_index::accelerator.num_processes]  # this process's share, gathered below
     out: list[dict[str, Any] | None] = [None] * len(rows)
     splits = [single_token_split(r) for r in rows]
     fast = all(s is not None for s in splits)
@@ -92,6 +93,17 @@ def score(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int
             pred = bool(lp[j, 1] > lp[j, 0])
             out[i] = {"label": bool(rows[i].label), "pred": pred, "p_yes": float(p_yes[j]),
                       "lp_no": float(lp[j, 0]), "lp_yes": float(lp[j, 1])}
+    return _gather(out, accelerator)
+
+
+def _gather(out: list[dict[str, Any] | None], accelerator: Any) -> list[dict[str, Any]]:
+    """Merge every process's share of the rows; each row is scored by exactly one process."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        for i, pred in gather_object([(i, p) for i, p in enumerate(out) if p is not None]):
+            out[i] = pred
+    assert all(p is not None for p in out), "a row was scored by no process"
     return out  # type: ignore[return-value]
 
 
@@ -102,11 +114,13 @@ def generate(model: nn.Module, rows: list[Encoded], tokenizer: Any, *, batch_siz
     model.eval()
     device = accelerator.device
     pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in answer_words) + r")\b", re.IGNORECASE)
-    out: list[dict[str, Any]] = []
+    out: list[dict[str, Any] | None] = [None] * len(rows)
     inner = getattr(model, "module", model)
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", mininterval=2.0,
+    mine = list(range(len(rows)))[accelerator.process_index::accelerator.num_processes]
+    for start in tqdm(range(0, len(mine), batch_size), desc=desc, unit="batch", mininterval=2.0,
                       disable=not accelerator.is_main_process):
-        chunk = rows[start:start + batch_size]
+        ids = mine[start:start + batch_size]
+        chunk = [rows[i] for i in ids]
         batch = {k: v.to(device) for k, v in prompt_batch([r.prompt for r in chunk], pad_id=tokenizer.pad_token_id).items()}
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         with accelerator.autocast():
@@ -115,12 +129,12 @@ def generate(model: nn.Module, rows: list[Encoded], tokenizer: Any, *, batch_siz
             else:
                 seqs = inner.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
         width = batch["input_ids"].shape[1]
-        for r, s in zip(chunk, seqs):
+        for i, r, s in zip(ids, chunk, seqs):
             text = tokenizer.decode(s[width:], skip_special_tokens=True)
             m = pattern.search(text)
             pred = None if m is None else m.group(1).lower() == answer_words[1]
-            out.append({"label": bool(r.label), "pred": pred, "text": text})
-    return out
+            out[i] = {"label": bool(r.label), "pred": pred, "text": text}
+    return _gather(out, accelerator)
 
 
 def accuracy(preds: list[dict[str, Any]]) -> dict[str, Any]:

@@ -94,6 +94,7 @@ class Session:
         torch.manual_seed(cfg.seed)
         self.model, self.tokenizer = load_model(cfg.model, self.accelerator.device)
         self.model_path = getattr(self.model, "name_or_path", cfg.model.name_or_path)
+        self.main = self.accelerator.is_main_process
         self.reft: ReftModel | None = None
 
     @property
@@ -163,7 +164,7 @@ def _train_stage(s: Session, cfg: RunConfig, i: int, stage: StageConfig, folder:
         rows = [enc.encode(x) for x in train_rows]
 
         def snapshot(epoch: int, r: StageResult) -> None:
-            if snapshot_epochs and stage.method == "lora" and epoch < stage.epochs:
+            if snapshot_epochs and stage.method == "lora" and epoch < stage.epochs and s.main:
                 lora.save(s.model, folder / f"epoch-{epoch}" / "adapter")
                 io.write_json(folder / f"epoch-{epoch}" / "progress.json",
                               {"epoch": epoch, "optimizer_steps": r.optimizer_steps, "train_seconds": r.train_seconds,
@@ -176,18 +177,23 @@ def _train_stage(s: Session, cfg: RunConfig, i: int, stage: StageConfig, folder:
                              log_path=folder / "train_log.jsonl", log_every=cfg.log_every, on_epoch_end=snapshot,
                              desc=f"{cfg.label()} stage {i} ({stage.method})", checkpoint_dir=folder / "checkpoints",
                              checkpoint_every=cfg.checkpoint_every, resume=resuming)
-    if stage.method in ("lora", "joint"):
-        lora.save(s.model, folder / "adapter")
     if stage.method in ("reft", "joint"):
-        s.reft.save(folder)
+        s.reft.consolidate()  # every process: R itself becomes the stored tensor (see LoReFT.consolidate)
+    if s.main:  # only the main process writes; the others hold identical weights (DDP)
+        if stage.method in ("lora", "joint"):
+            lora.save(s.model, folder / "adapter")
+        if stage.method in ("reft", "joint"):
+            s.reft.save(folder)
     if stage.method in ("lora", "joint"):
         s.model = lora.finish(s.model, cfg.lora.merge)
         if s.reft is not None:
             s.reft.model = s.model
     info.update(optimizer_steps=result.optimizer_steps, epochs=result.epochs, train_seconds=round(result.train_seconds, 2),
                 tokens=result.tokens, final_loss=result.final_loss)
-    io.write_json(folder / "stage.json", info)  # the stage counts as finished from here on
-    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    if s.main:
+        io.write_json(folder / "stage.json", info)  # the stage counts as finished from here on
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    s.accelerator.wait_for_everyone()
     return info
 
 
@@ -232,10 +238,11 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
     s = Session(cfg)
     if any(st.method in ("reft", "joint") for st in cfg.stages):  # so does a ReFT setup that cannot fit the model
         check_fits(cfg.reft, len(decoder_layers(s.model, cfg.model.layers_path)), hidden_size(s.model))
-    if not resuming:
+    if not resuming and s.main:
         check_out_dir(out, overwrite)
         io.write_text(out / "config.yaml", dump_yaml(cfg))
         io.write_json(out / "meta.json", _meta(cfg, s.accelerator, s.model_path))
+    s.accelerator.wait_for_everyone()
     total_params, total_seconds, total_epochs, stage_info = 0, 0.0, 0.0, []
     for i, stage in enumerate(cfg.stages):
         folder = out / "stages" / stage_dir_name(i, stage)
@@ -251,7 +258,8 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
         total_seconds += info["train_seconds"]
         total_epochs += info["epochs"]
     preds = s.evaluate(splits.eval)
-    io.write_jsonl(out / "predictions.jsonl", preds)
+    if s.main:
+        io.write_jsonl(out / "predictions.jsonl", preds)
     majority = majority_label(splits.train) if splits.train else True
     metrics = {
         "strategy": cfg.label(), **accuracy(preds), "eval_split": cfg.data.eval_split,
@@ -259,7 +267,9 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
         "trainable_params": total_params, "train_seconds": round(total_seconds, 2), "epochs": round(total_epochs, 6),
         "train_rows": len(splits.train), "stages": stage_info,
     }
-    io.write_json(out / "metrics.json", metrics)
+    if s.main:
+        io.write_json(out / "metrics.json", metrics)
+    s.accelerator.wait_for_everyone()
     return metrics
 
 

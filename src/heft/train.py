@@ -7,9 +7,11 @@ every position would otherwise be a large share of each step on a small model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,9 +62,16 @@ def model_forward(model: nn.Module, batch: dict[str, torch.Tensor], keep: int) -
     return model(input_ids=batch["input_ids"], **kwargs).logits
 
 
-def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over answer tokens; logits (B, K, V) vs targets (B, K-1)."""
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+def answer_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over answer tokens (mean, or sum); logits (B, K, V) vs targets (B, K-1)."""
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=-100, reduction=reduction)
+
+
+def shard(idx: list[int], rank: int, world: int) -> list[int]:
+    """This process's rows of a global batch (strided); a process left with none repeats one row."""
+    mine = idx[rank::world]
+    return mine if mine else [idx[rank % len(idx)]]
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -126,7 +135,9 @@ def train_stage(
     """
     if not rows:
         raise HeftError("training data is empty: no rows to train on (check data.train_size and the data files)")
-    batches = BucketBatches([len(r.prompt) + len(r.answers[r.label]) for r in rows], stage.batch_size, seed, bucketing)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    # Global batches of batch_size rows per process: the same run on 1 or N processes sees the same data.
+    batches = BucketBatches([len(r.prompt) + len(r.answers[r.label]) for r in rows], stage.batch_size * world, seed, bucketing)
     total_micro = max(1, round(stage.epochs * len(batches)))
     total_steps = math.ceil(total_micro / stage.grad_accum)
     optimizer = torch.optim.AdamW(param_groups(trainable, stage.weight_decay, no_decay), lr=stage.lr)
@@ -140,7 +151,8 @@ def train_stage(
     if ckpt is not None:
         done = checkpoint.restore(ckpt, trainable, optimizer, scheduler)
         logger.info("%s: resuming from %s (optimizer step %d)", desc, ckpt, done.step)
-        _truncate_log(log_path, done.step)
+        if accelerator.is_main_process:
+            _truncate_log(log_path, done.step)
     start, tokens, step = time.perf_counter() - done.seconds, done.tokens, done.step
     last_loss: float | None = done.last_loss
     pending: list[dict[str, Any]] = []  # per-step records whose loss/grad-norm tensors are not read yet
@@ -154,7 +166,7 @@ def train_stage(
         nonlocal last_loss
         if not pending:
             return
-        values = torch.stack([torch.stack([r["loss"], r["grad_norm"]]) for r in pending]).tolist()
+        values = accelerator.reduce(torch.stack([torch.stack([r["loss"], r["grad_norm"]]) for r in pending]), "mean").tolist()
         for r, (loss_v, norm_v) in zip(pending, values):
             if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
                 what = "loss" if not math.isfinite(loss_v) else "gradient norm"
@@ -178,7 +190,7 @@ def train_stage(
                             checkpoint.Progress(step, micro_done, tokens, time.perf_counter() - start, last_loss))
 
     bar.update(done.micro)
-    with log_path.open("a") as log:
+    with (log_path.open("a") if accelerator.is_main_process else open(os.devnull, "w")) as log:
         prev_epoch = None
         for micro, (epoch, idx) in enumerate(batches.iterate(total_micro)):
             if micro < done.micro:
@@ -191,15 +203,22 @@ def train_stage(
                     on_epoch_end(prev_epoch + 1, StageResult(step, prev_epoch + 1, time.perf_counter() - start, tokens, last_loss))
                 save_checkpoint(micro, log)
             prev_epoch = epoch
-            cpu_batch = train_batch([rows[i] for i in idx], pad_id)
+            shards = [shard(idx, r, world) for r in range(world)]
+            # Sum over this process's answer tokens / all processes' answer tokens, times world: DDP's mean
+            # of the gradients is then exactly the gradient of the global batch's mean loss.
+            global_answer_tokens = sum(len(rows[i].answers[rows[i].label]) for part in shards for i in part)
+            cpu_batch = train_batch([rows[i] for i in shards[rank]], pad_id)
             keep = int(cpu_batch.pop("logits_to_keep"))
-            tokens += int(cpu_batch["attention_mask"].sum())
+            tokens += sum(len(rows[i].prompt) + len(rows[i].answers[rows[i].label]) for i in idx)
             batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
-            with accelerator.autocast():
-                loss = answer_loss(model_forward(model, batch, keep), batch["targets"])
-            accelerator.backward(loss / stage.grad_accum)
+            boundary = (micro + 1) % stage.grad_accum == 0 or micro + 1 == total_micro
+            with contextlib.nullcontext() if boundary else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    loss_sum = answer_loss(model_forward(model, batch, keep), batch["targets"], reduction="sum")
+                    loss = loss_sum * (world / global_answer_tokens)
+                accelerator.backward(loss / stage.grad_accum)
             micro_losses.append(loss.detach())
-            if (micro + 1) % stage.grad_accum == 0 or micro + 1 == total_micro:
+            if boundary:
                 norm = accelerator.clip_grad_norm_(params, stage.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
