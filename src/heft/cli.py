@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -72,6 +73,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
         args.config = str(out / "config.yaml")  # `heft train --out DIR --resume` continues DIR as it was configured
     cfg = load(args.config, overrides)
     m = train_run(cfg, out, overwrite=args.overwrite, resume=bool(args.resume))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun / accelerate launch only the main process reports
     lo, hi = m["ci95"]
     print(f"{m['strategy']}: accuracy {m['accuracy']:.2%} [{lo:.2%}, {hi:.2%}] on {m['n']} rows "
           f"(majority baseline {m['majority_baseline']:.2%}); wrote {args.out}")
