@@ -136,3 +136,20 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(t).all() for t in load_file(str(ck / "trainable.safetensors")).values())
+
+
+def test_four_bit_on_cpu_is_a_clear_error(tiny_model_dir, boolq_files, tmp_path, capsys):
+    raw = tiny_config(tiny_model_dir, boolq_files, STAGES[:1], model={"quantization": "4bit"}, lora={"merge": False})
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    assert "model.quantization: 4bit (QLoRA through bitsandbytes) needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_four_bit_with_merge_is_refused(tiny_model_dir, boolq_files, tmp_path, capsys):
+    raw = tiny_config(tiny_model_dir, boolq_files, STAGES[:1], model={"quantization": "4bit"})
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    assert "lora.merge: a LoRA stage cannot be merged into 4-bit weights" in capsys.readouterr().err

@@ -35,6 +35,8 @@ class ModelConfig:
     """Dotted attribute path to the decoder-layer list (e.g. `model.layers`) for architectures heft does not know."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower)."""
+    quantization: Literal["none", "4bit"] = "none"
+    """`4bit`: load the frozen base in NF4 through bitsandbytes (QLoRA). CUDA GPUs only; needs lora.merge: false."""
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,8 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         need(d.train_path is not None or not cfg.stages, "data.train_path: required when data.source is 'local' and there are training stages")
         need(d.eval_path is not None, "data.eval_path: required when data.source is 'local'")
     need(lo.r > 0, f"lora.r: must be positive, got {lo.r}")
+    need(cfg.model.quantization == "none" or not lo.merge,
+         "lora.merge: a LoRA stage cannot be merged into 4-bit weights; set lora.merge: false with model.quantization: 4bit")
     need(0.0 <= lo.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {lo.dropout}")
     need(r.rank > 0, f"reft.rank: must be positive, got {r.rank}")
     need(0.0 <= r.dropout < 1.0, f"reft.dropout: must be in [0, 1), got {r.dropout}")

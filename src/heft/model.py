@@ -48,7 +48,9 @@ def load_model(cfg: ModelConfig, device: torch.device):
     if not local and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise ConfigError(f"model.name_or_path: {path!r} is not a folder on this machine; give a local model folder, "
                           "a hub id such as `meta-llama/Llama-2-7b-hf`, or the embedded alias `smollm2-135m`")
-    kw = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    kw: dict = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if cfg.quantization == "4bit":
+        kw["quantization_config"] = _four_bit_config(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.dtype, device), **kw)
@@ -57,12 +59,28 @@ def load_model(cfg: ModelConfig, device: torch.device):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False)
-    model.to(device)
+    if cfg.quantization == "none":
+        model.to(device)  # a quantized model is placed by bitsandbytes and cannot be moved
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
     return model, tokenizer
+
+
+def _four_bit_config(device: torch.device):
+    """NF4 weights with bf16 compute, as in QLoRA (Dettmers et al., 2023)."""
+    if device.type != "cuda":
+        raise ConfigError("model.quantization: 4bit (QLoRA through bitsandbytes) needs a CUDA GPU; this machine runs on "
+                          f"{device.type}. Use model.quantization: none on CPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("model.quantization: 4bit needs the bitsandbytes package (`pip install bitsandbytes`)") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
