@@ -153,3 +153,30 @@ def test_four_bit_with_merge_is_refused(tiny_model_dir, boolq_files, tmp_path, c
     cfg.write_text(yaml.safe_dump(raw))
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
     assert "lora.merge: a LoRA stage cannot be merged into 4-bit weights" in capsys.readouterr().err
+
+
+def test_reloading_onto_a_different_base_model_or_a_corrupt_adapter_is_a_clear_error(saved_run, tmp_path, capsys):
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    run = tmp_path / "run"
+    shutil.copytree(saved_run, run)
+    # A base model with another vocabulary and depth under the same path the run names.
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    other = tmp_path / "other-model"
+    shutil.copytree(cfg["model"]["name_or_path"], other, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
+    cfg["model"]["name_or_path"] = str(other)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "trained on a base model with vocab_size=" in err and "num_layers=4" in err and "num_layers=2" in err
+    # The right base model, but a truncated LoRA adapter file.
+    shutil.rmtree(run)
+    shutil.copytree(saved_run, run)
+    weights = run / "stages" / "00-lora" / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["eval", str(run)]) == 2
+    assert "cannot load the LoRA adapter" in capsys.readouterr().err

@@ -62,11 +62,28 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _meta(cfg: RunConfig, accelerator: Any, model_path: str) -> dict[str, Any]:
+def model_shape(model: nn.Module) -> dict[str, int]:
+    """What adapters depend on: vocabulary, hidden size, depth."""
+    from .model import unwrap
+
+    return {"vocab_size": int(unwrap(model).get_input_embeddings().weight.shape[0]), "hidden_size": hidden_size(model),
+            "num_layers": len(decoder_layers(model, None)) if _has_layers(model) else 0}
+
+
+def _has_layers(model: nn.Module) -> bool:
+    try:
+        decoder_layers(model, None)
+        return True
+    except ConfigError:
+        return False
+
+
+def _meta(cfg: RunConfig, accelerator: Any, model_path: str, model: nn.Module) -> dict[str, Any]:
     import peft
     import transformers
 
     return {
+        "model_shape": model_shape(model), "num_processes": accelerator.num_processes,
         "heft_version": __version__, "base_model": cfg.model.name_or_path, "base_model_resolved": model_path,
         "strategy": cfg.label(), "torch": torch.__version__, "transformers": transformers.__version__,
         "peft": peft.__version__, "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
@@ -211,7 +228,7 @@ def _prepare_out(cfg: RunConfig, out: Path, overwrite: bool, resume: bool) -> bo
     """Check the output folder before any work; True when continuing a run already in it."""
     has_run = (out / "config.yaml").is_file()
     if resume and has_run:
-        if (out / "config.yaml").read_text() != dump_yaml(cfg):
+        if load(out / "config.yaml") != cfg:
             raise ConfigError(f"--resume: {out} holds a run with a different config; resume it with its own "
                               f"config ({out / 'config.yaml'}), or use --overwrite or a new --out")
         return True
@@ -241,7 +258,7 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
     if not resuming and s.main:
         check_out_dir(out, overwrite)
         io.write_text(out / "config.yaml", dump_yaml(cfg))
-        io.write_json(out / "meta.json", _meta(cfg, s.accelerator, s.model_path))
+        io.write_json(out / "meta.json", _meta(cfg, s.accelerator, s.model_path, s.model))
     s.accelerator.wait_for_everyone()
     total_params, total_seconds, total_epochs, stage_info = 0, 0.0, 0.0, []
     for i, stage in enumerate(cfg.stages):
@@ -279,6 +296,14 @@ def load_run(folder: Path, **model_overrides: Any) -> tuple[Session, RunConfig]:
         raise CheckpointError(f"{folder}: not a heft run folder (no config.yaml)")
     cfg = load(folder / "config.yaml")
     s = Session(cfg)
+    saved = io.read_json(folder / "meta.json").get("model_shape") if (folder / "meta.json").is_file() else None
+    if saved is not None:
+        mine = model_shape(s.model)
+        wrong = {k: (v, mine[k]) for k, v in saved.items() if mine.get(k) != v}
+        if wrong:
+            raise CheckpointError(f"{folder}: trained on a base model with {', '.join(f'{k}={a}' for k, (a, _) in wrong.items())}, "
+                                  f"but {cfg.model.name_or_path} has {', '.join(f'{k}={b}' for k, (_, b) in wrong.items())}; "
+                                  "point model.name_or_path in its config.yaml at the original base model")
     for i, stage in enumerate(cfg.stages):
         _apply_finished_stage(s, cfg, stage, folder / "stages" / stage_dir_name(i, stage))
     s.top.requires_grad_(False)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import io
-from .config import RunConfig, StageConfig, apply_override, dump_yaml, from_dict, read_yaml, stage_dir_name
+from .config import RunConfig, StageConfig, apply_override, from_dict, load, read_yaml, stage_dir_name
 from .errors import ConfigError
 from .pipeline import Reuse, train_run
 from .train import StageResult
@@ -122,7 +122,7 @@ def run_suite(path: Path, out: Path, overrides: list[tuple[str, str]], *, overwr
     for name in order:
         cfg, folder = configs[name], out / name
         if (folder / "metrics.json").is_file():
-            if (folder / "config.yaml").read_text() != dump_yaml(cfg):
+            if load(folder / "config.yaml") != cfg:  # compared as configs: fields added since then take defaults
                 raise ConfigError(f"{folder} holds a finished run of a different config; use a new --out or --overwrite")
             logger.info("%s: reusing the finished run in %s", name, folder)
             results[name] = io.read_json(folder / "metrics.json")
