@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import Encoded, prompt_batch, train_batch
-from .train import model_forward
+from .train import autocast, model_forward
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -68,7 +68,7 @@ def score(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int
             batch = {k: v.to(device) for k, v in prompt_batch([splits[i][0] for i in idx], pad_id).items()}
             # ReFT edits the prompt only, not a shared answer prefix appended to it (as in training).
             batch["prompt_len"] = torch.tensor([len(rows[i].prompt) for i in idx], device=device)
-            with accelerator.autocast():
+            with autocast(accelerator):
                 logits = model_forward(model, batch, 1)[:, -1].float()  # (B, V)
             logp = torch.log_softmax(logits, dim=-1)
             no_tok = torch.tensor([splits[i][1] for i in idx], device=device)
@@ -80,7 +80,7 @@ def score(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int
                 items = [Encoded(rows[i].prompt, rows[i].answers, cand, False) for i in idx]
                 batch = {k: v.to(device) for k, v in train_batch(items, pad_id).items()}
                 keep = int(batch.pop("logits_to_keep"))
-                with accelerator.autocast():
+                with autocast(accelerator):
                     logits = model_forward(model, batch, keep)[:, :-1].float()
                 logp = torch.log_softmax(logits, dim=-1)
                 tgt = batch["targets"]
@@ -123,7 +123,7 @@ def generate(model: nn.Module, rows: list[Encoded], tokenizer: Any, *, batch_siz
         chunk = [rows[i] for i in ids]
         batch = {k: v.to(device) for k, v in prompt_batch([r.prompt for r in chunk], pad_id=tokenizer.pad_token_id).items()}
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        with accelerator.autocast():
+        with autocast(accelerator):
             if hasattr(inner, "interventions"):
                 seqs = inner.generate(batch["input_ids"], batch["attention_mask"], batch["prompt_start"], batch["prompt_len"], **kwargs)
             else:

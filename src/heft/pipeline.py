@@ -50,7 +50,9 @@ def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return Accelerator(mixed_precision="bf16" if use_bf16(cfg.precision, device) else "no", cpu=device.type == "cpu")
+    acc = Accelerator(mixed_precision="no", cpu=device.type == "cpu")
+    acc.heft_bf16 = use_bf16(cfg.precision, device)  # applied by heft.train.autocast
+    return acc
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
@@ -86,7 +88,7 @@ def _meta(cfg: RunConfig, accelerator: Any, model_path: str, model: nn.Module) -
         "model_shape": model_shape(model), "num_processes": accelerator.num_processes,
         "heft_version": __version__, "base_model": cfg.model.name_or_path, "base_model_resolved": model_path,
         "strategy": cfg.label(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
+        "peft": peft.__version__, "device": str(accelerator.device), "mixed_precision": "bf16" if accelerator.heft_bf16 else "no",
         "python": platform.python_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -52,6 +52,15 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def autocast(accelerator: Any) -> Any:
+    """bf16 autocast when the run asked for it. heft keeps accelerate itself at mixed_precision="no"
+    (accelerate's precision is process-wide state that cannot change between runs in one process)."""
+    bf16 = getattr(accelerator, "heft_bf16", None)
+    if bf16 is None:
+        return accelerator.autocast()
+    return torch.autocast(device_type=accelerator.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def model_forward(model: nn.Module, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
     """Logits (B, keep, V) of the last `keep` positions; ReFT models also get the prompt positions."""
     kwargs: dict[str, Any] = dict(attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
@@ -213,7 +222,7 @@ def train_stage(
             batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
             boundary = (micro + 1) % stage.grad_accum == 0 or micro + 1 == total_micro
             with contextlib.nullcontext() if boundary else accelerator.no_sync(model):
-                with accelerator.autocast():
+                with autocast(accelerator):
                     loss_sum = answer_loss(model_forward(model, batch, keep), batch["targets"], reduction="sum")
                     loss = loss_sum * (world / global_answer_tokens)
                 accelerator.backward(loss / stage.grad_accum)
