@@ -172,3 +172,22 @@ def test_answer_loss_equals_naive_cross_entropy(tiny, examples, reft):
     naive = torch.cat(token_nll).mean()
     assert float(loss) == pytest.approx(float(naive), abs=1e-5)
     assert float(loss) > 1.0  # a random model: the loss is far from zero
+
+
+def test_head_logits_are_fp32_under_bf16_autocast(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from heft.model import fp32_output_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[5, 9, 12, 7]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        coarse = model(input_ids=ids, logits_to_keep=1).logits
+    fp32_output_head(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.model(input_ids=ids).last_hidden_state[:, -1:]
+        fine = model(input_ids=ids, logits_to_keep=1).logits
+    assert coarse.dtype == torch.bfloat16 and fine.dtype == torch.float32
+    expected = hidden.float() @ model.lm_head.weight.float().T
+    assert torch.equal(fine, expected)
+    assert len(torch.unique(fine)) > len(torch.unique(coarse.float()))  # finer resolution, fewer ties
