@@ -426,3 +426,16 @@ def test_python_m_heft_train(tiny_model_dir, boolq_files, tmp_path):
     assert "lora: accuracy" in proc.stdout
     assert file_list(out) == expected_files("lora")
     assert yaml.safe_load((out / "config.yaml").read_text())["stages"][0]["lr"] == pytest.approx(1e-4)
+
+
+def test_generation_evaluation_through_the_cli(tiny_model_dir, boolq_files, tmp_path):
+    """eval.method: generate runs greedy decoding (with ReFT edits on the prompt pass) and saves the text."""
+    raw = tiny_config(tiny_model_dir, boolq_files, [{"method": "reft", "epochs": 1, "lr": 1e-2}],
+                      eval={"method": "generate", "max_new_tokens": 2})
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 0
+    preds = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 20 and all("text" in p and p["pred"] in (True, False, None) for p in preds)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["correct"] == sum(1 for p in preds if p["pred"] is not None and p["pred"] == p["label"])

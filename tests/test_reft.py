@@ -456,3 +456,26 @@ def test_unknown_architecture():
 
     toy = ToyWithConfig()
     assert decoder_layers(toy) is toy.blocks
+
+
+def test_saved_fp32_interventions_load_onto_a_bf16_model(tiny_model_dir, tmp_path):
+    """Interventions saved from an fp32 run load onto the same base in bf16 and edit its bf16 stream."""
+    from transformers import AutoModelForCausalLM
+
+    from heft.config import PositionsConfig, ReftConfig
+    from heft.model import decoder_layers, hidden_size
+    from heft.reft import ReftModel
+
+    cfg = ReftConfig(rank=2, positions=PositionsConfig(2, 2), init="random")
+    torch.manual_seed(3)
+    fp32 = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ReftModel(fp32, cfg, decoder_layers(fp32), hidden_size(fp32)).save(tmp_path)
+    bf16 = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    ids = torch.tensor([[5, 9, 12, 7, 3, 8]])
+    plain = bf16(input_ids=ids).logits
+    reft = ReftModel(bf16, cfg, decoder_layers(bf16), hidden_size(bf16))
+    reft.load_weights(tmp_path)
+    edited = reft(ids, torch.tensor([0]), torch.tensor([6])).logits
+    assert edited.dtype == plain.dtype == torch.bfloat16
+    assert not torch.equal(edited, plain)
+    assert all(p.dtype == torch.float32 for p in reft.interventions.parameters())  # kept in fp32
