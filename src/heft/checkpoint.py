@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,10 +43,9 @@ class Progress:
 def save(folder: Path, trainable: list[tuple[str, nn.Parameter]], optimizer: Any, scheduler: Any,
          progress: Progress, keep: int = 1) -> Path:
     """Write checkpoint `folder/step-NNNNNN` atomically, point `latest` at it, prune older ones."""
-    folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{progress.step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{name}.", suffix=".tmp"))
-    try:
+    final = folder / name
+    with io.atomic_dir(final) as tmp:
         save_file({n: p.detach().cpu().contiguous() for n, p in trainable}, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
@@ -56,16 +53,6 @@ def save(folder: Path, trainable: list[tuple[str, nn.Parameter]], optimizer: Any
             rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         save_file(rng, str(tmp / "rng.safetensors"))
         io.write_json(tmp / "state.json", {**asdict(progress), "scheduler": scheduler.state_dict()})
-        for f in tmp.iterdir():  # make the data durable before the rename publishes it
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        final = folder / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     io.write_text(folder / LATEST, name + "\n")
     done = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name != name)
     for old in done[: max(0, len(done) - (keep - 1))]:
