@@ -68,16 +68,12 @@ def model_shape(model: nn.Module) -> dict[str, int]:
     """What adapters depend on: vocabulary, hidden size, depth."""
     from .model import unwrap
 
-    return {"vocab_size": int(unwrap(model).get_input_embeddings().weight.shape[0]), "hidden_size": hidden_size(model),
-            "num_layers": len(decoder_layers(model, None)) if _has_layers(model) else 0}
-
-
-def _has_layers(model: nn.Module) -> bool:
     try:
-        decoder_layers(model, None)
-        return True
-    except ConfigError:
-        return False
+        depth = len(decoder_layers(model, None))
+    except ConfigError:  # an architecture heft cannot map without model.layers_path: depth unchecked
+        depth = 0
+    return {"vocab_size": int(unwrap(model).get_input_embeddings().weight.shape[0]), "hidden_size": hidden_size(model),
+            "num_layers": depth}
 
 
 def _meta(cfg: RunConfig, accelerator: Any, model_path: str, model: nn.Module) -> dict[str, Any]:
@@ -292,7 +288,7 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
     return metrics
 
 
-def load_run(folder: Path, **model_overrides: Any) -> tuple[Session, RunConfig]:
+def load_run(folder: Path) -> tuple[Session, RunConfig]:
     """Rebuild the trained model of a run folder: base model, then each stage's adapters in order."""
     if not (folder / "config.yaml").is_file():
         raise CheckpointError(f"{folder}: not a heft run folder (no config.yaml)")
