@@ -30,7 +30,8 @@ def test_two_processes_match_one(tiny_model_dir, boolq_files, tmp_path):
     stages = [{"method": "lora", "epochs": 1, "lr": 1e-2, "batch_size": 4},
               {"method": "reft", "epochs": 1, "lr": 1e-2, "batch_size": 4}]
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(tiny_model_dir, (boolq_files[0], val), stages)))
+    # checkpoint_every exercises checkpointing under DDP (the log flush before a save is collective)
+    cfg.write_text(yaml.safe_dump(tiny_config(tiny_model_dir, (boolq_files[0], val), stages, checkpoint_every=2)))
     proc = torchrun("-m", "heft", "train", "--config", str(cfg), "--out", str(tmp_path / "ddp"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # One process, global batch 2 x 4 = 8.

@@ -55,15 +55,6 @@ def make_accelerator(cfg: RunConfig):
     return acc
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to mix a new run into a folder that already holds files."""
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"--out: {out} is not empty; choose a new folder, or pass --overwrite to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def model_shape(model: nn.Module) -> dict[str, int]:
     """What adapters depend on: vocabulary, hidden size, depth."""
     from .model import unwrap
@@ -111,6 +102,12 @@ class Session:
         self.model_path = getattr(self.model, "name_or_path", cfg.model.name_or_path)
         self.main = self.accelerator.is_main_process
         self.reft: ReftModel | None = None
+
+    def replace_model(self, model: nn.Module) -> None:
+        """Swap the (maybe PEFT-wrapped or merged) model, keeping a ReFT wrapper pointed at it."""
+        self.model = model
+        if self.reft is not None:
+            self.reft.model = model
 
     @property
     def top(self) -> nn.Module:
@@ -161,7 +158,7 @@ def _train_stage(s: Session, cfg: RunConfig, i: int, stage: StageConfig, folder:
     """Train (or take from `reuse`) one stage, save its adapters, leave them frozen on the session."""
     folder.mkdir(parents=True, exist_ok=True)
     if stage.method in ("lora", "joint"):
-        s.model = lora.attach(s.model, cfg.lora)
+        s.replace_model(lora.attach(s.model, cfg.lora))
     if stage.method in ("reft", "joint"):
         s.add_reft()
     named = _stage_params(s, stage.method)
@@ -200,9 +197,7 @@ def _train_stage(s: Session, cfg: RunConfig, i: int, stage: StageConfig, folder:
         if stage.method in ("reft", "joint"):
             s.reft.save(folder)
     if stage.method in ("lora", "joint"):
-        s.model = lora.finish(s.model, cfg.lora.merge)
-        if s.reft is not None:
-            s.reft.model = s.model
+        s.replace_model(lora.finish(s.model, cfg.lora.merge))
     info.update(optimizer_steps=result.optimizer_steps, epochs=result.epochs, train_seconds=round(result.train_seconds, 2),
                 tokens=result.tokens, final_loss=result.final_loss)
     if s.main:
@@ -215,9 +210,7 @@ def _train_stage(s: Session, cfg: RunConfig, i: int, stage: StageConfig, folder:
 def _apply_finished_stage(s: Session, cfg: RunConfig, stage: StageConfig, sdir: Path) -> None:
     """Put a finished stage's saved adapters on the session's model, as training left them."""
     if stage.method in ("lora", "joint"):
-        s.model = lora.load(s.model, sdir / "adapter", merge=cfg.lora.merge)
-        if s.reft is not None:
-            s.reft.model = s.model
+        s.replace_model(lora.load(s.model, sdir / "adapter", merge=cfg.lora.merge))
     if stage.method in ("reft", "joint"):
         s.add_reft().load_weights(sdir)
 
@@ -254,7 +247,9 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
     if any(st.method in ("reft", "joint") for st in cfg.stages):  # so does a ReFT setup that cannot fit the model
         check_fits(cfg.reft, len(decoder_layers(s.model, cfg.model.layers_path)), hidden_size(s.model))
     if not resuming and s.main:
-        check_out_dir(out, overwrite)
+        if overwrite and out.exists():  # _prepare_out refused a non-empty folder without --overwrite
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
         io.write_text(out / "config.yaml", dump_yaml(cfg))
         io.write_json(out / "meta.json", _meta(cfg, s.accelerator, s.model_path, s.model))
     s.accelerator.wait_for_everyone()

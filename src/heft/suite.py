@@ -52,11 +52,7 @@ def read_suite(path: Path, overrides: list[tuple[str, str]]) -> dict[str, RunCon
     for name, spec in strategies.items():
         body = copy.deepcopy(common)
         own = spec if isinstance(spec, dict) else {"stages": spec}
-        for key, value in own.items():
-            if isinstance(value, dict) and isinstance(body.get(key), dict):
-                _deep_merge(body[key], value)
-            else:
-                body[key] = copy.deepcopy(value)
+        _deep_merge(body, own)
         body.update(strategy=name, stages=own.get("stages") or [])
         try:
             out[name] = from_dict(body)

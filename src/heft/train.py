@@ -192,9 +192,11 @@ def train_stage(
     saved_at = [done.step]
 
     def save_checkpoint(micro_done: int, log: Any) -> None:
-        if checkpoint_dir is not None and accelerator.is_main_process and saved_at[0] != step:
-            saved_at[0] = step
-            flush(log)  # never checkpoint past a non-finite loss
+        if checkpoint_dir is None or saved_at[0] == step:
+            return
+        saved_at[0] = step
+        flush(log)  # on every process (it reduces across them); never checkpoint past a non-finite loss
+        if accelerator.is_main_process:
             checkpoint.save(checkpoint_dir, trainable, optimizer, scheduler,
                             checkpoint.Progress(step, micro_done, tokens, time.perf_counter() - start, last_loss))
 
