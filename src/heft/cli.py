@@ -1,6 +1,7 @@
 """Command line: `heft run | train | eval | predict`.
 
     heft run [--out DIR]                                   the default study (SmolLM2-135M + BoolQ, offline)
+    heft compare [--config FILE] --seeds 0 1 2 --out DIR   every strategy x seed, per-epoch evaluation, a report
     heft train --config FILE --out DIR [--a.b value ...]   one strategy, any model and BoolQ-format data
     heft eval DIR                                          reload a run folder and re-evaluate it
     heft predict DIR --passage P --question Q              yes/no and its probability
@@ -57,6 +58,23 @@ def cmd_run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
                         overwrite=args.overwrite, only=args.only)
     _print_table(summary)
     print(f"\nwrote {args.out}/summary.json and one run folder per strategy")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    from .study import run_compare
+    from .suite import default_suite_path
+
+    report = run_compare(Path(args.config) if args.config else default_suite_path(), args.seeds, Path(args.out), overrides,
+                         only=args.only, overwrite=args.overwrite, tensorboard=args.tensorboard, targets=args.target)
+    print(f"\nBoolQ accuracy over seeds {report['seeds']} on {report['n']} rows "
+          f"(majority baseline {report['majority_baseline']:.1%})")
+    print(f"{'strategy':<10}{'mean':>9}{'std':>8}{'95% CI of mean':>20}{'params':>12}{'train s':>10}")
+    for name, s in report["strategies"].items():
+        std = f"{100 * s['std']:.1f}" if s["std"] is not None else "-"
+        ci = f"[{s['ci95'][0]:.1%}, {s['ci95'][1]:.1%}]" if s["ci95"] else "-"
+        print(f"{name:<10}{s['mean']:>9.1%}{std:>8}{ci:>20}{s['trainable_params']:>12,}{s['train_seconds']:>10.0f}")
+    print(f"\nwrote {args.out}/report.md and report.json")
     return 0
 
 
@@ -124,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="runs/heft-default", help="output folder (default: runs/heft-default)")
     r.add_argument("--only", nargs="+", help="run only these strategies (e.g. base heft)")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    c = sub.add_parser("compare", help="every strategy of a suite under several seeds, with intervals, paired tests, plots")
+    c.add_argument("--config", help="a suite YAML (default: the embedded SmolLM2-135M + BoolQ suite)")
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    c.add_argument("--out", default="runs/heft-compare", help="output folder (default: runs/heft-compare); "
+                   "finished run folders in it are reused")
+    c.add_argument("--only", nargs="+", help="compare only these strategies")
+    c.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events in every run folder")
+    c.add_argument("--target", type=float, nargs="+", help="also report the epochs each strategy needs to reach "
+                   "these accuracies (e.g. 0.65)")
+    c.add_argument("--overwrite", action="store_true", help="delete --out first and train everything again")
     t = sub.add_parser("train", help="train one run (a list of stages) and evaluate it")
     t.add_argument("--config", help="run YAML; fields can be overridden with --section.field value")
     t.add_argument("--out", required=True, help="output run folder (must be new or empty)")
@@ -146,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         overrides = _split_overrides(rest)
-        handler = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}[args.command]
+        handler = {"run": cmd_run, "compare": cmd_compare, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}[args.command]
         return handler(args, overrides)
     except HeftError as e:
         print(f"heft: error: {e}", file=sys.stderr)

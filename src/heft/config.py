@@ -131,6 +131,8 @@ class EvalConfig:
     """`score`: compare the answers' log-likelihoods (one batched pass); `generate`: greedy decoding, exact match."""
     batch_size: int = 16
     max_new_tokens: int = 4
+    every_epoch: bool = False
+    """Also evaluate after every whole epoch of every stage (`OUT/epochs.jsonl`; `heft compare` turns it on)."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,8 @@ class RunConfig:
     log_every: int = 10
     """Every optimizer step gets a line in `train_log.jsonl`; they are read from the device (one host sync)
     and written every `log_every` steps. Non-finite losses are caught at that point too."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to `OUT/tensorboard/` (loss, learning rate, accuracy); needs `heft[tensorboard]`."""
 
     def label(self) -> str:
         """The strategy name shown in reports."""

@@ -8,7 +8,9 @@ Run folder layout (everything needed to reload, nothing else):
     OUT/stages/00-lora/adapter/{adapter_config.json, adapter_model.safetensors}   PEFT format
     OUT/stages/01-reft/{reft_config.json, reft.safetensors}
     OUT/stages/NN-*/{stage.json, train_log.jsonl}
-    OUT/metrics.json           accuracy, 95% interval, n, majority baseline, trainable params, time
+    OUT/metrics.json           accuracy, 95% interval, n, majority baseline, trainable params, time, FLOPs
+    OUT/epochs.jsonl           with eval.every_epoch: accuracy after every epoch (cumulative tokens, time, FLOPs)
+    OUT/tensorboard/           with tensorboard: true: loss, learning rate, accuracy
     OUT/predictions.jsonl      one line per evaluation row: idx, label, pred, p_yes
 """
 
@@ -18,14 +20,14 @@ import logging
 import platform
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import __version__, io, lora
+from . import __version__, flops, io, lora
 from .config import RunConfig, StageConfig, dump_yaml, load, stage_dir_name
 from .data import Encoder, Example, load_splits, majority_label
 from .errors import CheckpointError, ConfigError
@@ -44,6 +46,8 @@ class Reuse:
     adapter_dir: Path
     result: StageResult
     source: str
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    """The source run's per-epoch evaluations of this prefix (copied into this run's epochs.jsonl)."""
 
 
 def make_accelerator(cfg: RunConfig):
@@ -74,6 +78,7 @@ def _meta(cfg: RunConfig, accelerator: Any, model_path: str, model: nn.Module) -
     return {
         "model_shape": model_shape(model), "num_processes": accelerator.num_processes,
         "heft_version": __version__, "base_model": cfg.model.name_or_path, "base_model_resolved": model_path,
+        "non_embedding_params": flops.non_embedding_params(model),
         "strategy": cfg.label(), "torch": torch.__version__, "transformers": transformers.__version__,
         "peft": peft.__version__, "device": str(accelerator.device), "mixed_precision": "bf16" if accelerator.heft_bf16 else "no",
         "python": platform.python_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -143,6 +148,101 @@ class Session:
         return preds
 
 
+def read_epochs(out: Path) -> list[dict[str, Any]]:
+    """`OUT/epochs.jsonl`, one record per (stage, epoch): a resumed run may have written one twice (the last wins)."""
+    import json
+
+    path = out / "epochs.jsonl"
+    if not path.is_file():
+        return []
+    by_key: dict[tuple[int, float], dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+            by_key[(r["stage"], r["stage_epoch"])] = r
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+    return sorted(by_key.values(), key=lambda r: (r["stage"], r["stage_epoch"]))
+
+
+class Tracker:
+    """One run's cumulative training cost across stages, its per-epoch evaluations and TensorBoard events."""
+
+    def __init__(self, s: Session, cfg: RunConfig, out: Path, eval_rows: list[Example]):
+        self.s, self.cfg, self.out, self.eval_rows = s, cfg, out, eval_rows
+        self.n_params = flops.non_embedding_params(s.model)  # the base model, before any adapter
+        try:
+            self.num_layers = len(decoder_layers(s.model, cfg.model.layers_path))
+        except ConfigError:
+            self.num_layers = 0
+        self.epochs, self.tokens, self.seconds, self.flops_done, self.steps = 0.0, 0, 0.0, 0.0, 0
+        self.writer = None
+        if cfg.tensorboard and s.main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("tensorboard: true needs the tensorboard package; pip install 'heft[tensorboard]' "
+                                  "or set tensorboard: false") from None
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def fraction(self, stage: StageConfig) -> float:
+        """Share of the layers gradients flow through: LoRA adapts every layer, ReFT from its lowest layer up."""
+        if stage.method != "reft" or self.num_layers == 0:
+            return 1.0
+        lowest = min(check_fits(self.cfg.reft, self.num_layers, hidden_size(self.s.model)))
+        return flops.backward_fraction(lowest, self.num_layers)
+
+    def stage_flops(self, stage: StageConfig, tokens: int) -> float:
+        return flops.train_flops(tokens, self.n_params, self.fraction(stage))
+
+    def log_steps(self, records: list[dict[str, Any]]) -> None:
+        if self.writer is None:
+            return
+        for r in records:
+            step = self.steps + r["step"]
+            for key in ("loss", "lr", "grad_norm"):
+                self.writer.add_scalar(f"train/{key}", r[key], step)
+        self.writer.flush()
+
+    def record(self, i: int, stage: StageConfig | None, stage_epoch: float, r: StageResult | None,
+               acc: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        """Append one evaluation point (cumulative over the run's stages) to epochs.jsonl."""
+        tokens = r.tokens if r is not None else 0
+        rec = {"stage": i, "method": stage.method if stage is not None else None, "stage_epoch": stage_epoch,
+               "epoch": round(self.epochs + stage_epoch, 6), "optimizer_steps": self.steps + (r.optimizer_steps if r else 0),
+               "tokens": self.tokens + tokens, "train_seconds": round(self.seconds + (r.train_seconds if r else 0.0), 2),
+               "flops": self.flops_done + (self.stage_flops(stage, tokens) if stage is not None else 0.0),
+               "accuracy": acc["accuracy"], "correct": acc["correct"], "n": acc["n"], **extra}
+        if self.s.main:
+            with (self.out / "epochs.jsonl").open("a") as f:
+                import json
+
+                f.write(json.dumps(rec) + "\n")
+            if self.writer is not None:
+                self.writer.add_scalar("eval/accuracy", rec["accuracy"], rec["optimizer_steps"])
+                self.writer.flush()
+        return rec
+
+    def evaluate(self, i: int, stage: StageConfig, stage_epoch: float, r: StageResult) -> dict[str, Any]:
+        """Evaluate the model as it is now (mid-stage: adapters not merged yet) and record the point."""
+        was_training = self.s.top.training
+        rec = self.record(i, stage, stage_epoch, r, accuracy(self.s.evaluate(self.eval_rows)))
+        self.s.top.train(was_training)
+        logger.info("%s after stage %d epoch %g: accuracy %.2f%%", self.cfg.label(), i, stage_epoch, 100 * rec["accuracy"])
+        return rec
+
+    def finish_stage(self, info: dict[str, Any]) -> None:
+        self.epochs += info["epochs"]
+        self.tokens += info["tokens"]
+        self.seconds += info["train_seconds"]
+        self.flops_done += info["flops"]
+        self.steps += info["optimizer_steps"]
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def _stage_params(s: Session, method: str) -> list[tuple[str, nn.Parameter]]:
     named: list[tuple[str, nn.Parameter]] = []
     if method in ("lora", "joint"):
@@ -153,8 +253,18 @@ def _stage_params(s: Session, method: str) -> list[tuple[str, nn.Parameter]]:
     return named
 
 
+def _copy_train_log(source: Path, dest: Path, steps: int) -> list[dict[str, Any]]:
+    """The reused prefix's per-step log lines (steps 1..`steps`), so this run folder is complete on its own."""
+    import json
+
+    lines = source.read_text().splitlines() if source.is_file() else []
+    records = [r for r in (json.loads(x) for x in lines if x.strip()) if r["step"] <= steps]
+    io.write_jsonl(dest, records)
+    return records
+
+
 def _train_stage(s: Session, cfg: RunConfig, i: int, stage: StageConfig, folder: Path, train_rows: list[Example],
-                 reuse: Reuse | None, snapshot_epochs: bool, resuming: bool) -> dict[str, Any]:
+                 reuse: Reuse | None, snapshot_epochs: bool, resuming: bool, tracker: Tracker) -> dict[str, Any]:
     """Train (or take from `reuse`) one stage, save its adapters, leave them frozen on the session."""
     folder.mkdir(parents=True, exist_ok=True)
     if stage.method in ("lora", "joint"):
@@ -170,12 +280,17 @@ def _train_stage(s: Session, cfg: RunConfig, i: int, stage: StageConfig, folder:
 
         set_peft_model_state_dict(s.model, load_file(str(reuse.adapter_dir / lora.ADAPTER_WEIGHTS)))
         result, info["reused_from"] = reuse.result, reuse.source
+        if s.main:
+            tracker.log_steps(_copy_train_log(reuse.adapter_dir.parent.parent / "train_log.jsonl", folder / "train_log.jsonl",
+                                              result.optimizer_steps))
         logger.info("stage %d (%s): reused from %s", i, stage.method, reuse.source)
     else:
         enc = s.encoder(stage)
         rows = [enc.encode(x) for x in train_rows]
 
-        def snapshot(epoch: int, r: StageResult) -> None:
+        def epoch_end(epoch: int, r: StageResult) -> None:
+            if cfg.eval.every_epoch and epoch < stage.epochs:
+                tracker.evaluate(i, stage, epoch, r)
             if snapshot_epochs and stage.method == "lora" and epoch < stage.epochs and s.main:
                 lora.save(s.model, folder / f"epoch-{epoch}" / "adapter")
                 io.write_json(folder / f"epoch-{epoch}" / "progress.json",
@@ -186,9 +301,9 @@ def _train_stage(s: Session, cfg: RunConfig, i: int, stage: StageConfig, folder:
         no_decay |= {n for n, _ in named if n.endswith("bias")}
         result = train_stage(s.top, named, no_decay, rows, stage, accelerator=s.accelerator,
                              pad_id=s.tokenizer.pad_token_id, seed=cfg.seed + i, bucketing=cfg.length_bucketing,
-                             log_path=folder / "train_log.jsonl", log_every=cfg.log_every, on_epoch_end=snapshot,
+                             log_path=folder / "train_log.jsonl", log_every=cfg.log_every, on_epoch_end=epoch_end,
                              desc=f"{cfg.label()} stage {i} ({stage.method})", checkpoint_dir=folder / "checkpoints",
-                             checkpoint_every=cfg.checkpoint_every, resume=resuming)
+                             checkpoint_every=cfg.checkpoint_every, resume=resuming, on_log=tracker.log_steps)
     if stage.method in ("reft", "joint"):
         s.reft.consolidate()  # every process: R itself becomes the stored tensor (see LoReFT.consolidate)
     if s.main:  # only the main process writes; the others hold identical weights (DDP)
@@ -199,7 +314,7 @@ def _train_stage(s: Session, cfg: RunConfig, i: int, stage: StageConfig, folder:
     if stage.method in ("lora", "joint"):
         s.replace_model(lora.finish(s.model, cfg.lora.merge))
     info.update(optimizer_steps=result.optimizer_steps, epochs=result.epochs, train_seconds=round(result.train_seconds, 2),
-                tokens=result.tokens, final_loss=result.final_loss)
+                tokens=result.tokens, final_loss=result.final_loss, flops=tracker.stage_flops(stage, result.tokens))
     if s.main:
         io.write_json(folder / "stage.json", info)  # the stage counts as finished from here on
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
@@ -253,34 +368,64 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
         io.write_text(out / "config.yaml", dump_yaml(cfg))
         io.write_json(out / "meta.json", _meta(cfg, s.accelerator, s.model_path, s.model))
     s.accelerator.wait_for_everyone()
-    total_params, total_seconds, total_epochs, stage_info = 0, 0.0, 0.0, []
+    tracker = Tracker(s, cfg, out, splits.eval)
+    every = cfg.eval.every_epoch
+    total_params, stage_info = 0, []
     for i, stage in enumerate(cfg.stages):
         folder = out / "stages" / stage_dir_name(i, stage)
         if resuming and (folder / "stage.json").is_file():
             _apply_finished_stage(s, cfg, stage, folder)
             info = io.read_json(folder / "stage.json")
+            info.setdefault("flops", tracker.stage_flops(stage, info["tokens"]))  # folders written before heft recorded it
             logger.info("stage %d (%s): finished before the restart, loaded from %s", i, stage.method, folder)
         else:
-            info = _train_stage(s, cfg, i, stage, folder, splits.train, reuse.get(i), snapshot_epochs, resuming)
+            reuse_i = reuse.get(i)
+            info = _train_stage(s, cfg, i, stage, folder, splits.train, reuse_i, snapshot_epochs, resuming, tracker)
+            s.top.requires_grad_(False)
+            last = i == len(cfg.stages) - 1
+            if every and reuse_i is not None:  # the source run evaluated these epochs already: same weights
+                for rec in reuse_i.evals:
+                    if last and rec["stage_epoch"] >= info["epochs"]:
+                        continue  # the final evaluation below is this run's own
+                    tracker.record(i, stage, rec["stage_epoch"], _result_at(rec), rec, reused_from=reuse_i.source)
+            if every and not last and not any(r["stage_epoch"] >= info["epochs"] for r in (reuse_i.evals if reuse_i else [])):
+                tracker.evaluate(i, stage, info["epochs"], _result_of(info))
         s.top.requires_grad_(False)
         stage_info.append(info)
         total_params += info["trainable_params"]
-        total_seconds += info["train_seconds"]
-        total_epochs += info["epochs"]
+        if i < len(cfg.stages) - 1:
+            tracker.finish_stage(info)
     preds = s.evaluate(splits.eval)
     if s.main:
         io.write_jsonl(out / "predictions.jsonl", preds)
+    acc = accuracy(preds)
+    if every:
+        final = cfg.stages[-1] if cfg.stages else None
+        tracker.record(len(cfg.stages) - 1 if cfg.stages else 0, final, stage_info[-1]["epochs"] if cfg.stages else 0.0,
+                       _result_of(stage_info[-1]) if cfg.stages else None, acc)
+    if cfg.stages:
+        tracker.finish_stage(stage_info[-1])
+    tracker.close()
     majority = majority_label(splits.train) if splits.train else True
     metrics = {
-        "strategy": cfg.label(), **accuracy(preds), "eval_split": cfg.data.eval_split,
+        "strategy": cfg.label(), **acc, "eval_split": cfg.data.eval_split,
         "majority_label": majority, "majority_baseline": sum(r.label == majority for r in splits.eval) / len(splits.eval),
-        "trainable_params": total_params, "train_seconds": round(total_seconds, 2), "epochs": round(total_epochs, 6),
-        "train_rows": len(splits.train), "stages": stage_info,
+        "trainable_params": total_params, "train_seconds": round(tracker.seconds, 2), "epochs": round(tracker.epochs, 6),
+        "train_tokens": tracker.tokens, "train_flops": tracker.flops_done, "train_rows": len(splits.train), "stages": stage_info,
     }
     if s.main:
         io.write_json(out / "metrics.json", metrics)
     s.accelerator.wait_for_everyone()
     return metrics
+
+
+def _result_of(info: dict[str, Any]) -> StageResult:
+    return StageResult(info["optimizer_steps"], info["epochs"], info["train_seconds"], info["tokens"], info.get("final_loss"))
+
+
+def _result_at(rec: dict[str, Any]) -> StageResult:
+    """A stage-0 evaluation point of another run as the stage's progress at that point."""
+    return StageResult(rec["optimizer_steps"], rec["stage_epoch"], rec["train_seconds"], rec["tokens"], None)
 
 
 def load_run(folder: Path) -> tuple[Session, RunConfig]:

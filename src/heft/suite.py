@@ -24,7 +24,7 @@ from typing import Any
 from . import io
 from .config import RunConfig, StageConfig, apply_override, from_dict, load, read_yaml, stage_dir_name
 from .errors import ConfigError
-from .pipeline import Reuse, train_run
+from .pipeline import Reuse, read_epochs, train_run
 from .train import StageResult
 
 logger = logging.getLogger(__name__)
@@ -95,21 +95,13 @@ def find_prefix(cfg: RunConfig, done: dict[str, tuple[RunConfig, Path]]) -> dict
             if (snap / "adapter").is_dir():  # only written where an epoch ends on an optimizer step
                 p = io.read_json(snap / "progress.json")
                 result = StageResult(p["optimizer_steps"], float(mine.epochs), p["train_seconds"], p["tokens"], p["loss"])
-                return {0: Reuse(snap / "adapter", result, f"{name} (epoch {int(mine.epochs)} snapshot)")}
+                evals = [r for r in read_epochs(folder) if r["stage"] == 0 and r["stage_epoch"] <= mine.epochs]
+                return {0: Reuse(snap / "adapter", result, f"{name} (epoch {int(mine.epochs)} snapshot)", evals)}
     return {}
 
 
-def run_suite(path: Path, out: Path, overrides: list[tuple[str, str]], *, overwrite: bool = False,
-              only: list[str] | None = None) -> dict[str, Any]:
-    """Train and evaluate each strategy into `out/NAME`, then write `out/summary.json` and `summary.md`."""
-    configs = read_suite(path, overrides)
-    if only:
-        missing = [n for n in only if n not in configs]
-        if missing:
-            raise ConfigError(f"--only: unknown strategies {missing}; this suite has {list(configs)}")
-        configs = {n: c for n, c in configs.items() if n in only}
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+def train_strategies(configs: dict[str, RunConfig], out: Path) -> dict[str, dict[str, Any]]:
+    """Train and evaluate each strategy into `out/NAME` (reusing finished folders and shared prefixes)."""
     out.mkdir(parents=True, exist_ok=True)
     # Strategies whose first stage others can reuse are trained first.
     order = sorted(configs, key=lambda n: -(configs[n].stages[0].epochs if configs[n].stages and configs[n].stages[0].method == "lora" else 0))
@@ -130,7 +122,25 @@ def run_suite(path: Path, out: Path, overrides: list[tuple[str, str]], *, overwr
                         f", stage 0 reused from {reuse[0].source}" if reuse else "")
             results[name] = train_run(cfg, folder, reuse=reuse, snapshot_epochs=True)
         done[name] = (cfg, folder)
-    results = {n: results[n] for n in configs}
+    return {n: results[n] for n in configs}
+
+
+def select(configs: dict[str, RunConfig], only: list[str] | None) -> dict[str, RunConfig]:
+    if not only:
+        return configs
+    missing = [n for n in only if n not in configs]
+    if missing:
+        raise ConfigError(f"--only: unknown strategies {missing}; this suite has {list(configs)}")
+    return {n: c for n, c in configs.items() if n in only}
+
+
+def run_suite(path: Path, out: Path, overrides: list[tuple[str, str]], *, overwrite: bool = False,
+              only: list[str] | None = None) -> dict[str, Any]:
+    """Train and evaluate each strategy into `out/NAME`, then write `out/summary.json` and `summary.md`."""
+    configs = select(read_suite(path, overrides), only)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    results = train_strategies(configs, out)
     first = next(iter(results.values()))
     summary = {
         "majority_baseline": first["majority_baseline"],

@@ -136,11 +136,13 @@ def train_stage(
     checkpoint_dir: Path | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    on_log: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> StageResult:
     """Train `trainable` (everything else frozen) on `rows` for `stage.epochs` epochs.
 
     With `checkpoint_dir`, a checkpoint is written every `checkpoint_every` optimizer steps (0: never
     mid-epoch) and at each epoch end; `resume` continues from the latest one, bit-identically on CPU.
+    `on_log` receives the per-step records as they are written (main process only), e.g. for TensorBoard.
     """
     if not rows:
         raise HeftError("training data is empty: no rows to train on (check data.train_size and the data files)")
@@ -185,6 +187,8 @@ def train_stage(
             if accelerator.is_main_process:
                 log.write(json.dumps(r) + "\n")
         log.flush()
+        if on_log is not None and accelerator.is_main_process:
+            on_log(pending)
         last_loss = values[-1][0]
         bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
         pending.clear()
