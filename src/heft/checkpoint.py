@@ -3,7 +3,9 @@
 A checkpoint is a folder `stages/NN-x/checkpoints/step-000120/` holding
     trainable.safetensors   the stage's trainable tensors, by name
     optimizer.pt            AdamW state (tensors and numbers only: loaded with weights_only=True)
-    rng.safetensors         torch CPU (and CUDA) generator states
+    rng.safetensors         torch CPU (and CUDA) generator states of every process, `rank{r}.cpu`,
+                            `rank{r}.cuda{i}`: under data parallelism each process draws its own dropout
+                            masks, so each one's stream is restored for an exact resume
     state.json              optimizer step, micro-batches done, tokens, seconds, scheduler state
 It is written under a temporary name and renamed into place, then `checkpoints/latest` (a one-line
 file, replaced atomically) is pointed at it, and only then are older checkpoints deleted: a crash at
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -40,17 +43,53 @@ class Progress:
     last_loss: float | None = None
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _local_rng() -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return states
+
+
+def rng_states() -> dict[str, torch.Tensor]:
+    """The generator states of every process, keyed `rank{r}.cpu` / `rank{r}.cuda{i}`.
+
+    Under torch.distributed this is a collective: every process must call it (then only the main
+    one passes the result to `save`).
+    """
+    if not _distributed():
+        return {f"rank0.{k}": v for k, v in _local_rng().items()}
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, _local_rng())
+    return {f"rank{r}.{k}": v.cpu() for r, states in enumerate(everyone) for k, v in states.items()}
+
+
 def save(folder: Path, trainable: list[tuple[str, nn.Parameter]], optimizer: Any, scheduler: Any,
-         progress: Progress, keep: int = 1) -> Path:
-    """Write checkpoint `folder/step-NNNNNN` atomically, point `latest` at it, prune older ones."""
+         progress: Progress, keep: int = 1, rng: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint `folder/step-NNNNNN` atomically, point `latest` at it, prune older ones.
+
+    `rng` is `rng_states()` gathered from every process; without it only the calling process's
+    generators are stored, and other processes resume with its stream (exact on one process only).
+    """
+    if {id(p) for g in optimizer.param_groups for p in g["params"]} != {id(p) for _, p in trainable}:
+        # FSDP (accelerate's prepare) swaps parameters for sharded copies: these would be stale, untrained tensors
+        raise CheckpointError(f"{folder}: the optimizer no longer updates this stage's parameters (they were replaced, "
+                              "e.g. sharded by FSDP); heft saves full tensors from the main process and supports data "
+                              "parallel (DDP) only: use configs/accelerate/ddp.yaml")
+    if rng is None:
+        rng = {f"rank{_rank()}.{k}": v for k, v in _local_rng().items()}
     name = f"step-{progress.step:06d}"
     final = folder / name
     with io.atomic_dir(final) as tmp:
         save_file({n: p.detach().cpu().contiguous() for n, p in trainable}, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         save_file(rng, str(tmp / "rng.safetensors"))
         io.write_json(tmp / "state.json", {**asdict(progress), "scheduler": scheduler.state_dict()})
     io.write_text(folder / LATEST, name + "\n")
@@ -91,7 +130,25 @@ def restore(ckpt: Path, trainable: list[tuple[str, nn.Parameter]], optimizer: An
             p.copy_(tensors[n])
     optimizer.load_state_dict(opt_state)
     scheduler.load_state_dict(state.pop("scheduler"))
-    torch.set_rng_state(rng["cpu"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+    _restore_rng(ckpt, rng)
     return Progress(**state)
+
+
+def _restore_rng(ckpt: Path, rng: dict[str, torch.Tensor]) -> None:
+    """Set this process's generators from its own saved states (`rank{r}.*`)."""
+    rank = _rank()
+    by_rank: dict[int, dict[str, torch.Tensor]] = {}
+    for key, state in rng.items():
+        # checkpoints written before per-process states held one process's `cpu` / `cudaN` keys
+        r, kind = key.split(".", 1) if "." in key else ("rank0", key)
+        by_rank.setdefault(int(r.removeprefix("rank")), {})[kind] = state
+    if 0 not in by_rank:
+        raise CheckpointError(f"{ckpt}: rng.safetensors holds no generator state of process 0; the checkpoint is damaged")
+    mine = by_rank.get(rank)
+    if mine is None:
+        logger.warning("%s: holds the random state of %d process(es), not of process %d; it continues with process 0's "
+                       "(dropout masks will differ from an uninterrupted run)", ckpt, len(by_rank), rank)
+        mine = by_rank[0]
+    torch.set_rng_state(mine["cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([mine[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in mine])
