@@ -200,9 +200,10 @@ def train_stage(
             return
         saved_at[0] = step
         flush(log)  # on every process (it reduces across them); never checkpoint past a non-finite loss
+        rng = checkpoint.rng_states()  # on every process too: gathers each one's generator states
         if accelerator.is_main_process:
             checkpoint.save(checkpoint_dir, trainable, optimizer, scheduler,
-                            checkpoint.Progress(step, micro_done, tokens, time.perf_counter() - start, last_loss))
+                            checkpoint.Progress(step, micro_done, tokens, time.perf_counter() - start, last_loss), rng=rng)
 
     bar.update(done.micro)
     with (log_path.open("a") if accelerator.is_main_process else open(os.devnull, "w")) as log:
