@@ -1,0 +1,344 @@
+"""Benchmark: heft's ReFT training step vs pyreft 0.1.0, and vs the physical floor (issue #5, item 1).
+
+Three sides, each in its own process, on the same model, data and settings:
+
+- `heft`: heft's `ReftModel` (LoReFT, hooks + one gather/scatter per layer), left-padded batch
+  from `heft.data.train_batch`, logits only at the positions the loss needs (`logits_to_keep`),
+  `heft.train.answer_loss`; then gradient clipping and an AdamW step, as in `heft.train`.
+- `pyreft`: pyreft 0.1.0 (`pyreft.get_reft_model` + `LoreftIntervention` on `block_output`, one
+  intervention per layer and position group, as pyreft's own LoReFT recipe builds it), run in its
+  own virtual environment with transformers 4.45.1 (pyreft pins it). A manual loop that does what
+  `pyreft.ReftTrainer.compute_loss` does each step (right-padded batch, `unit_locations` turned into
+  lists with `.tolist()`, `labels` = -100 except the answer tokens, so the Hugging Face model computes
+  the full-vocabulary logits at every position and the loss from them), then gradient clipping and
+  an AdamW step. The Trainer itself is not used: its data loading and logging would be timed too.
+- `floor`: the same frozen model, forward + backward only, with gradients flowing from the same loss
+  down to the output of decoder layer 0 (the lowest intervened layer) and no further: that output is
+  made a leaf that requires grad; the embeddings need no gradient. No interventions, no optimizer.
+
+Model: SmolLM2-135M's shape (Llama, hidden 576, 30 layers, 9 heads, 3 kv heads, MLP 1536, vocab
+49152, tied embeddings) with random weights filled from a fixed generator per parameter name, so
+both environments hold bit-identical weights. Data: BoolQ training rows in heft's `passage` format,
+tokenized once by heft (SmolLM2's tokenizer, truncated to --seq-len tokens) and written to a JSON
+file that every side reads: the same batches in the same order. LoReFT rank 4, all layers,
+positions first 5 + last 5 prompt tokens, separate interventions for the two groups. Every
+intervention starts as an exact zero edit (W = R, b = 0), so the first step's loss must agree on all
+three sides: a check that they compute the same thing.
+
+Step time = wall time of one full training step including building the batch tensors. Each side
+runs --warmup untimed steps, then --steps timed ones; rounds rotate the order of the sides
+(heft, pyreft, floor / pyreft, floor, heft / ...) to cancel machine drift. Reported: median step
+time over all timed steps of all rounds, and the ratios pyreft/heft (goal >= 1.5) and heft/floor
+(goal <= 1.10).
+
+    python bench/reft_vs_pyreft.py [--batch 4] [--seq-len 128] [--steps 8] [--warmup 2] [--rounds 2]
+                                   [--dtype fp32|bf16] [--device cpu|cuda] [--out bench/results/reft_vs_pyreft.json]
+
+The first run builds pyreft's environment in $HEFT_CACHE/bench-venvs/pyreft (default
+~/.cache/heft/bench-venvs/pyreft): torch 2.13.0, transformers 4.45.1 and the packages pyreft and
+pyvene import, then pyreft 0.1.0 and pyvene 0.1.7 without their dependency lists (which pull
+jupyter, wandb and a CUDA torch). heft itself never depends on pyreft.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+SIDES = ("heft", "pyreft", "floor")
+PYREFT_STEPS = [
+    ["torch==2.13.0"],
+    ["transformers==4.45.1", "datasets", "networkx", "matplotlib", "accelerate", "protobuf", "sentencepiece"],
+    ["--no-deps", "pyreft==0.1.0", "pyvene==0.1.7"],
+]
+SMOLLM2_135M_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                          rope_theta=100000.0, tie_word_embeddings=True, hidden_act="silu", attention_dropout=0.0)
+
+
+# ----------------------------------------------------------------------------- shared by all sides
+
+
+def build_model(spec: dict) -> torch.nn.Module:
+    """A frozen random-weight Llama of SmolLM2-135M's shape, identical in any transformers version."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(SMOLLM2_135M_SHAPE, num_hidden_layers=spec["num_layers"])
+    model = LlamaForCausalLM(LlamaConfig(**shape, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):  # tied head: shares embed_tokens, listed once
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model.to(spec["device"])
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def autocast(spec: dict):
+    return torch.autocast(device_type=spec["device"].split(":")[0], dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16")
+
+
+def time_steps(step, spec: dict) -> dict:
+    """Run `step(batch_rows)` on each batch: warmup untimed, then timed; losses of every step."""
+    times, losses = [], []
+    for i, rows in enumerate(spec["batches"]):
+        sync(spec["device"])
+        start = time.perf_counter()
+        loss = step(rows)
+        sync(spec["device"])
+        if i >= spec["warmup"]:
+            times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+    return {"step_seconds": times, "losses": losses}
+
+
+# ----------------------------------------------------------------------------- the three sides
+
+
+def run_heft(spec: dict) -> dict:
+    from heft.config import PositionsConfig, ReftConfig
+    from heft.data import Encoded, train_batch
+    from heft.model import decoder_layers, fp32_output_head, hidden_size
+    from heft.reft import ReftModel
+    from heft.train import answer_loss, model_forward
+
+    model = build_model(spec)
+    if spec["dtype"] == "bf16":
+        fp32_output_head(model)  # what heft's loader does under bf16 autocast
+    torch.manual_seed(0)
+    cfg = ReftConfig(kind="loreft", rank=spec["rank"], layers="all",
+                     positions=PositionsConfig(spec["first"], spec["last"]), init="identity")
+    reft = ReftModel(model, cfg, decoder_layers(model), hidden_size(model)).to(spec["device"])
+    params = [p for p in reft.interventions.parameters()]
+    opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
+    reft.train()
+
+    def step(rows: list[dict]) -> torch.Tensor:
+        items = [Encoded(r["prompt"], (r["answer"], r["answer"]), 1, False) for r in rows]
+        batch = train_batch(items, spec["pad_id"])
+        keep = int(batch.pop("logits_to_keep"))
+        batch = {k: v.to(spec["device"]) for k, v in batch.items()}
+        with autocast(spec):
+            loss = answer_loss(model_forward(reft, batch, keep), batch["targets"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return {**time_steps(step, spec), "trainable_params": sum(p.numel() for p in params)}
+
+
+def run_floor(spec: dict) -> dict:
+    from heft.data import Encoded, train_batch
+    from heft.model import decoder_layers, fp32_output_head
+    from heft.train import answer_loss
+
+    model = build_model(spec)
+    if spec["dtype"] == "bf16":
+        fp32_output_head(model)
+    model.train()
+
+    def leaf_output(module, args, output):
+        # Gradients stop here: layer 0's output is a leaf, everything below it needs no gradient.
+        h = output[0] if isinstance(output, tuple) else output
+        h = h.detach().requires_grad_()
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    decoder_layers(model)[0].register_forward_hook(leaf_output)
+
+    def step(rows: list[dict]) -> torch.Tensor:
+        items = [Encoded(r["prompt"], (r["answer"], r["answer"]), 1, False) for r in rows]
+        batch = train_batch(items, spec["pad_id"])
+        keep = int(batch.pop("logits_to_keep"))
+        batch = {k: v.to(spec["device"]) for k, v in batch.items()}
+        with autocast(spec):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"], logits_to_keep=keep, use_cache=False).logits
+            loss = answer_loss(logits, batch["targets"])
+        loss.backward()
+        return loss.detach()
+
+    return time_steps(step, spec)
+
+
+def run_pyreft(spec: dict) -> dict:
+    import pyreft
+
+    model = build_model(spec)
+    d, n, k = model.config.hidden_size, model.config.num_hidden_layers, spec["first"]
+    assert spec["first"] == spec["last"], "pyreft pads both position groups to one width; keep first == last"
+    layers = list(range(n)) * 2  # pyreft's recipe: layers + layers, first group then last group
+    dtype = torch.float32  # interventions in fp32 on both sides (pyreft's own default would be bf16)
+    config = pyreft.ReftConfig(representations=[
+        {"layer": layer, "component": "block_output", "low_rank_dimension": spec["rank"],
+         "intervention": pyreft.LoreftIntervention(embed_dim=d, low_rank_dimension=spec["rank"], dtype=dtype)}
+        for layer in layers])
+    torch.manual_seed(0)
+    reft = pyreft.get_reft_model(model, config)
+    reft.set_device(spec["device"])
+    with torch.no_grad():  # exact zero edit at the start, as heft's init="identity": W = R, b = 0
+        for iv in reft.interventions.values():
+            iv = iv[0] if isinstance(iv, (tuple, list)) else iv
+            iv.learned_source.weight.copy_(iv.rotate_layer.weight.T)
+            iv.learned_source.bias.zero_()
+    params = [p for _, p in reft.named_parameters()]
+    opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
+    reft.train()
+    pad = spec["pad_id"]
+
+    def step(rows: list[dict]) -> torch.Tensor:
+        # What pyreft's data collator + ReftTrainer.compute_loss do: right padding, labels on the answer.
+        width = max(len(r["prompt"]) + len(r["answer"]) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        locs = torch.zeros((len(rows), 2 * n, k), dtype=torch.long)
+        for i, r in enumerate(rows):
+            p, a = len(r["prompt"]), len(r["answer"])
+            ids[i, :p + a] = torch.tensor(r["prompt"] + r["answer"])
+            mask[i, :p + a] = 1
+            labels[i, p:p + a] = torch.tensor(r["answer"])
+            locs[i, :n] = torch.arange(k)
+            locs[i, n:] = torch.arange(p - k, p)
+        ids, mask, labels, locs = (t.to(spec["device"]) for t in (ids, mask, labels, locs))
+        with autocast(spec):
+            _, out = reft({"input_ids": ids, "attention_mask": mask},
+                          unit_locations={"sources->base": (None, locs.permute(1, 0, 2).tolist())},
+                          labels=labels, use_cache=False)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss.detach()
+
+    return {**time_steps(step, spec), "trainable_params": sum(p.numel() for p in params)}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def make_spec(args: argparse.Namespace, path: Path) -> dict:
+    """Tokenize BoolQ training rows once (heft's passage prompt) and write the spec every side reads."""
+    from heft.config import DataConfig
+    from heft.data import Encoder, load_splits
+    from heft.model import resolve_model_path
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
+    need = (args.warmup + args.steps) * args.batch
+    enc = Encoder(tok, "passage", args.seq_len)
+    rows = []
+    for ex in load_splits(DataConfig(train_size=need, dev_size=200, eval_size=1)).train[:need]:
+        e = enc.encode(ex)
+        rows.append({"prompt": e.prompt, "answer": e.answers[e.label]})
+    if len(rows) < need:
+        raise SystemExit(f"only {len(rows)} BoolQ training rows; lower --batch or --steps")
+    if min(len(r["prompt"]) for r in rows) < args.first + args.last:
+        raise SystemExit("a prompt is shorter than first + last positions; raise --seq-len")
+    spec = {"batches": [rows[i:i + args.batch] for i in range(0, need, args.batch)],
+            "warmup": args.warmup, "num_layers": args.num_layers, "rank": args.rank, "first": args.first,
+            "last": args.last, "lr": 2e-3, "dtype": args.dtype, "device": args.device,
+            "pad_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
+    path.write_text(json.dumps(spec))
+    return spec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128, help="prompt + answer tokens at most (longer passages are cut)")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per side and round")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side and round")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--first", type=int, default=5)
+    ap.add_argument("--last", type=int, default=5)
+    ap.add_argument("--num-layers", type=int, default=30, help="30 is SmolLM2-135M; fewer only for smoke tests")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="fp32 weights; bf16 = bf16 autocast on every side")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--out", default=str(HERE / "results" / "reft_vs_pyreft.json"))
+    ap.add_argument("--one", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side on --spec
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.one:
+        spec = json.loads(Path(args.spec).read_text())
+        result = {"heft": run_heft, "pyreft": run_pyreft, "floor": run_floor}[args.one](spec)
+        import transformers
+
+        result.update(torch=torch.__version__, transformers=transformers.__version__, threads=torch.get_num_threads())
+        print("RESULT " + json.dumps(result))
+        return
+
+    sys.path.insert(0, str(HERE))
+    from peer_venv import ensure_venv, run_json
+
+    pyreft_python = ensure_venv("pyreft", PYREFT_STEPS)
+    pythons = {"heft": sys.executable, "pyreft": str(pyreft_python), "floor": sys.executable}
+    runs: dict[str, list[dict]] = {s: [] for s in SIDES}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        spec = make_spec(args, spec_path)
+        tokens = sum(len(r["prompt"]) + len(r["answer"]) for b in spec["batches"][args.warmup:] for r in b) / args.steps
+        for r in range(args.rounds):
+            order = SIDES[r % 3:] + SIDES[:r % 3]
+            for side in order:
+                print(f"round {r + 1}/{args.rounds}: {side} ...", flush=True)
+                res = run_json([pythons[side], __file__, "--one", side, "--spec", str(spec_path)], side)
+                runs[side].append(res)
+
+    med = {s: statistics.median(t for run in runs[s] for t in run["step_seconds"]) for s in SIDES}
+    first_loss = {s: runs[s][0]["losses"][0] for s in SIDES}
+    result = {
+        "benchmark": "reft_train_step_vs_pyreft", "model": "SmolLM2-135M shape, random weights",
+        "num_layers": args.num_layers, "batch": args.batch, "seq_len_cap": args.seq_len,
+        "mean_tokens_per_step": tokens, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+        "rank": args.rank, "positions": {"first": args.first, "last": args.last}, "dtype": args.dtype,
+        "device": args.device, "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "versions": {s: {k: runs[s][0][k] for k in ("torch", "transformers")} for s in SIDES},
+        "trainable_params": {s: runs[s][0].get("trainable_params") for s in ("heft", "pyreft")},
+        "median_step_seconds": med, "first_step_loss": first_loss,
+        "first_step_loss_max_abs_diff": max(first_loss.values()) - min(first_loss.values()),
+        "speedup_heft_over_pyreft": med["pyreft"] / med["heft"], "goal_speedup_at_least": 1.5,
+        "heft_over_floor": med["heft"] / med["floor"], "goal_heft_over_floor_at_most": 1.10,
+        "runs": runs,
+    }
+    print(f"\nReFT training step, SmolLM2-135M shape ({args.num_layers} layers), batch {args.batch}, "
+          f"~{tokens:.0f} tokens/step, {args.dtype}, {args.device}, {args.rounds} rounds x {args.steps} timed steps")
+    print(f"{'side':<8}{'median s/step':>15}{'tokens/s':>10}{'first loss':>12}  versions")
+    for s in SIDES:
+        v = result["versions"][s]
+        print(f"{s:<8}{med[s]:>15.3f}{tokens / med[s]:>10.0f}{first_loss[s]:>12.5f}  torch {v['torch']}, "
+              f"transformers {v['transformers']}")
+    print(f"first-step loss (every edit starts at exactly zero) differs by at most {result['first_step_loss_max_abs_diff']:.2e}")
+    print(f"speed-up of heft over pyreft: {result['speedup_heft_over_pyreft']:.2f}x (goal >= 1.5x)")
+    print(f"heft / floor: {result['heft_over_floor']:.3f} (goal <= 1.10)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
