@@ -131,8 +131,6 @@ def test_checkpoint_refuses_parameters_the_optimizer_does_not_hold(tmp_path):
     assert not any(tmp_path.iterdir()), "nothing written"
 
 
-@pytest.mark.xfail(strict=True, reason="accelerate 1.15 on CPU drops FSDP and runs DDP; heft should refuse "
-                   "(needs the make_accelerator guard described in the scaling-out notes)")
 def test_fsdp_config_on_cpu_is_refused_not_silently_ddp(single, tmp_path):
     cfg, _ = single
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/fsdp.yaml"),

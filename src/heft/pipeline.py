@@ -17,6 +17,7 @@ Run folder layout (everything needed to reload, nothing else):
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import shutil
 import time
@@ -55,6 +56,12 @@ def make_accelerator(cfg: RunConfig):
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     acc = Accelerator(mixed_precision="no", cpu=device.type == "cpu")
+    from accelerate.utils import DistributedType
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or acc.distributed_type == DistributedType.FSDP:
+        raise ConfigError("FSDP is not supported by heft yet: heft saves adapters and checkpoints as full tensors from the "
+                          "main process, which FSDP shards (and without a GPU accelerate silently runs DDP instead); launch "
+                          "with configs/accelerate/ddp.yaml (GPUs) or configs/accelerate/cpu-2proc.yaml (CPU)")
     acc.heft_bf16 = use_bf16(cfg.precision, device)  # applied by heft.train.autocast
     return acc
 
