@@ -261,7 +261,10 @@ def _plots(out: Path, report: dict[str, Any]) -> dict[str, str] | str:
                     ax.plot([r["layer"] for r in rows], [r[key] for r in rows], marker=".", label=f"{name} ({group})")
         axes[0].set_title("edit gain ||A||_F (edit = A h + c)")
         axes[1].set_title("edit offset ||c||")
+        from matplotlib.ticker import MaxNLocator
+
         for ax in axes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("decoder layer")
             ax.legend(fontsize=8)
         fig.tight_layout()
