@@ -176,8 +176,8 @@ def main() -> None:
         for r in range(args.rounds):
             for side in SIDES if r % 2 == 0 else SIDES[::-1]:
                 print(f"round {r + 1}/{args.rounds}: {side} ...", flush=True)
-                runs[side].append(run_json([pythons[side], __file__, "--one", side, "--spec", str(spec_path)], side,
-                                           env=env))
+                cmd = [pythons[side], str(Path(__file__).resolve()), "--one", side, "--spec", str(spec_path)]
+                runs[side].append(run_json(cmd, side, env=env))
 
     # Same inputs: lm-eval's context/continuation ids vs heft's prompt/answer ids, row by row.
     tok = AutoTokenizer.from_pretrained(model_path)

@@ -305,8 +305,8 @@ def main() -> None:
             order = SIDES[r % 3:] + SIDES[:r % 3]
             for side in order:
                 print(f"round {r + 1}/{args.rounds}: {side} ...", flush=True)
-                res = run_json([pythons[side], __file__, "--one", side, "--spec", str(spec_path)], side)
-                runs[side].append(res)
+                cmd = [pythons[side], str(Path(__file__).resolve()), "--one", side, "--spec", str(spec_path)]
+                runs[side].append(run_json(cmd, side))
 
     med = {s: statistics.median(t for run in runs[s] for t in run["step_seconds"]) for s in SIDES}
     first_loss = {s: runs[s][0]["losses"][0] for s in SIDES}
