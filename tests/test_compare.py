@@ -81,10 +81,16 @@ def test_report_accuracy_matches_run_folders(study):
 def test_report_paired_tests_match_predictions(study):
     out, _ = study
     report = _report(out)
-    assert len(report["pairs"]) == 6
+    assert len(report["pairs"]) == 6 + 3  # every pair, and each trained strategy vs the majority baseline
+    majority = json.loads((out / "seed-0" / "lora" / "metrics.json").read_text())["majority_label"]
     for pair in report["pairs"]:
         a = np.array([_correct(_folder(out, pair["a"], s)) for s in SEEDS])
-        b = np.array([_correct(_folder(out, pair["b"], s)) for s in SEEDS])
+        if pair["b"] == "majority":
+            labels = [json.loads(x)["label"] for x in (_folder(out, pair["a"], 0) / "predictions.jsonl").read_text().splitlines()]
+            b = np.array([[lab == majority for lab in labels]] * len(SEEDS))
+            assert b.mean() == pytest.approx(report["majority_baseline"])
+        else:
+            b = np.array([_correct(_folder(out, pair["b"], s)) for s in SEEDS])
         for i, s in enumerate(SEEDS):
             m = pair["mcnemar"][str(s)]
             assert m["a_only"] == int((a[i] & ~b[i]).sum()) and m["b_only"] == int((b[i] & ~a[i]).sum())

@@ -123,14 +123,24 @@ def build_report(out: Path, configs: dict[str, RunConfig], seeds: list[int], tar
                                    if "reused_from" in st]))
             report["shared_stages"][name] = {"from": sorted(set(shared.values())), "seconds_not_retrained": saved}
     names = list(configs)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
+    for j, b in enumerate(names):  # A is the later strategy of the suite (e.g. heft - lora, lora - base)
+        for a in names[j + 1:]:
             ca = np.array([runs[a][s]["correct"] for s in seeds])
             cb = np.array([runs[b][s]["correct"] for s in seeds])
             report["pairs"].append({
                 "a": a, "b": b, "bootstrap": paired_bootstrap(ca, cb),
                 "mcnemar": {str(s): mcnemar_exact(runs[a][s]["correct"], runs[b][s]["correct"]) for s in seeds},
             })
+    majority_label = bool(majority["majority_label"])
+    for name in names:  # each strategy against always answering the training majority, on the same rows
+        if not configs[name].stages:
+            continue
+        ca = np.array([runs[name][s]["correct"] for s in seeds])
+        cm = np.array([[p["label"] == majority_label for p in runs[name][s]["preds"]] for s in seeds])
+        report["pairs"].append({
+            "a": name, "b": "majority", "bootstrap": paired_bootstrap(ca, cm),
+            "mcnemar": {str(s): mcnemar_exact(list(ca[k]), list(cm[k])) for k, s in enumerate(seeds)},
+        })
     for name in names:
         report["epochs"][name] = _epoch_curve([runs[name][s]["epochs"] for s in seeds])
     report["targets"] = _targets(report, names, targets)
@@ -247,7 +257,7 @@ def _plots(out: Path, report: dict[str, Any]) -> dict[str, str] | str:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"accuracy ({report['eval_split']}, n={report['n']})")
         ax.set_title(f"mean over seeds {report['seeds']} (band: min-max)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
         fig.savefig(folder / fname, dpi=120)
         plt.close(fig)
@@ -266,7 +276,7 @@ def _plots(out: Path, report: dict[str, Any]) -> dict[str, str] | str:
         for ax in axes:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("decoder layer")
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper right")
         fig.tight_layout()
         fig.savefig(folder / "reft_edit_norms.png", dpi=120)
         plt.close(fig)
@@ -276,6 +286,10 @@ def _plots(out: Path, report: dict[str, Any]) -> dict[str, str] | str:
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _p(p: float) -> str:
+    return "< 1e-4" if p == 0 else f"{p:.3g}"  # 10,000 resamples: 0 means below their resolution
 
 
 def _sci(x: float) -> str:
@@ -319,10 +333,11 @@ def report_markdown(r: dict[str, Any]) -> str:
         bs = p["bootstrap"]
         mc = "; ".join(f"seed {s}: {m['a_only']}/{m['b_only']}, p={m['p']:.3g}" for s, m in p["mcnemar"].items())
         lines.append(f"| {p['a']} | {p['b']} | {100 * bs['diff']:+.1f} pts | {100 * bs['ci95'][0]:+.1f} to {100 * bs['ci95'][1]:+.1f} "
-                     f"| {bs['p']:.3g} | {mc} |")
+                     f"| {_p(bs['p'])} | {mc} |")
     lines += ["", "The bootstrap resamples evaluation rows (10,000 times, all seeds of a row together) and so measures "
               "how much the difference depends on which questions were asked; McNemar's test counts the rows only one "
-              "strategy gets right, per seed. Neither corrects for the number of pairs compared."]
+              "strategy gets right, per seed. Neither corrects for the number of pairs compared. B = `majority` is "
+              "the majority baseline as a predictor (always the training majority label) on the same rows."]
     lines += ["", "## Accuracy after each epoch (mean over seeds)", "", "| strategy | " + " | ".join(
         ["epoch", "stage", "accuracy", "per seed", "est. FLOPs", "train s"]) + " |", "|---|---|---|---|---|---|---|"]
     for name, curve in r["epochs"].items():
