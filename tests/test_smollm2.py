@@ -43,3 +43,23 @@ def test_heft_on_smollm2_boolq(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(out)]) == 0
     assert "predictions identical to the saved ones" in capsys.readouterr().out
+
+
+def test_compare_on_the_embedded_default(tmp_path):
+    """`heft compare` on the embedded default suite at a tiny budget: the report agrees with its run folders."""
+    out = tmp_path / "study"
+    sizes = ["--data.train_size", "16", "--data.eval_size", "24", "--data.max_length", "128",
+             "--reft.layers", "[4, 12, 20, 28]", "--eval.batch_size", "8"]
+    assert main(["compare", "--seeds", "0", "1", "--out", str(out), *sizes]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["strategies"]) == ["base", "lora", "reft", "heft"] and report["n"] == 24
+    for name, s in report["strategies"].items():
+        for seed in ("0", "1"):
+            folder = out / report["run_folders"][name][seed]
+            metrics = json.loads((folder / "metrics.json").read_text())
+            assert s["accuracy_per_seed"][seed] == metrics["accuracy"]
+            assert metrics["n"] == 24 and metrics["strategy"] == name
+        epochs = [p["epoch"] for p in report["epochs"][name]]
+        assert epochs == ([0] if name == "base" else [1, 2])
+    assert report["shared_stages"]["heft"]["from"] == ["lora (epoch 1 snapshot)"]
+    assert (out / "report.md").read_text().count("| heft |") >= 1
