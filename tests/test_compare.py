@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from heft import flops, stats
 from heft.cli import main
 from heft.config import from_dict
-from heft.pipeline import read_epochs, train_run
+from heft.pipeline import train_run
+from heft.tracking import read_epochs
 
 SEEDS = [0, 1]
 

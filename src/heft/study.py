@@ -24,7 +24,7 @@ import numpy as np
 from . import io
 from .config import RunConfig, stage_dir_name
 from .errors import ConfigError, HeftError
-from .pipeline import read_epochs
+from .tracking import read_epochs
 from .stats import mcnemar_exact, mean_interval, paired_bootstrap
 from .suite import read_suite, select, train_strategies
 

@@ -24,7 +24,8 @@ from typing import Any
 from . import io
 from .config import RunConfig, StageConfig, apply_override, from_dict, load, read_yaml, stage_dir_name
 from .errors import ConfigError
-from .pipeline import Reuse, read_epochs, train_run
+from .pipeline import Reuse, train_run
+from .tracking import read_epochs
 from .train import StageResult
 
 logger = logging.getLogger(__name__)
