@@ -294,7 +294,6 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
         else:
             reuse_i = reuse.get(i)
             info = _train_stage(s, cfg, i, stage, folder, splits.train, reuse_i, snapshot_epochs, resuming, tracker)
-            s.top.requires_grad_(False)
             last = i == len(cfg.stages) - 1
             if every and reuse_i is not None:  # the source run evaluated these epochs already: same weights
                 for rec in reuse_i.evals:
@@ -312,12 +311,12 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
     if s.main:
         io.write_jsonl(out / "predictions.jsonl", preds)
     acc = accuracy(preds)
-    if every:
-        final = cfg.stages[-1] if cfg.stages else None
-        tracker.record(len(cfg.stages) - 1 if cfg.stages else 0, final, stage_info[-1]["epochs"] if cfg.stages else 0.0,
-                       _result_of(stage_info[-1]) if cfg.stages else None, acc)
     if cfg.stages:
+        if every:
+            tracker.record(len(cfg.stages) - 1, cfg.stages[-1], stage_info[-1]["epochs"], _result_of(stage_info[-1]), acc)
         tracker.finish_stage(stage_info[-1])
+    elif every:
+        tracker.record(0, None, 0.0, None, acc)  # the untrained model: the curves' epoch-0 point
     tracker.close()
     majority = majority_label(splits.train) if splits.train else True
     metrics = {
