@@ -217,10 +217,10 @@ def main() -> None:
     print(f"identical token ids on {same_ids}/{len(rows)} rows; heft truncated {result['heft_truncated_rows']} rows")
     print(f"same prediction on {agree:.2%} of rows (goal >= 99.5%)")
     print(f"speed-up of heft: {result['speedup_heft']:.2f}x (goal >= 2x)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    from heft.io import write_json
+
+    write_json(Path(args.out), result)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

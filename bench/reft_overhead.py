@@ -10,7 +10,6 @@ chosen layers. Prints a table and writes JSON. Goal: with/without <= 1.05.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -73,10 +72,10 @@ def main() -> None:
     for k in ("plain", "reft"):
         print(f"{k:<14}{med[k]:>10.2f}{tokens / med[k]:>10.0f}")
     print(f"ratio reft/plain: {result['ratio_reft_over_plain']:.3f} (goal <= 1.05)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    from heft.io import write_json
+
+    write_json(Path(args.out), result)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -114,9 +114,18 @@ def time_steps(step, spec: dict) -> dict:
 # ----------------------------------------------------------------------------- the three sides
 
 
+def heft_batch(rows: list[dict], spec: dict) -> tuple[dict, int]:
+    """heft's left-padded training batch (on the device) and how many positions need logits."""
+    from heft.data import Encoded, train_batch
+
+    items = [Encoded(r["prompt"], (r["answer"], r["answer"]), 1, False) for r in rows]
+    batch = train_batch(items, spec["pad_id"])
+    keep = int(batch.pop("logits_to_keep"))
+    return {k: v.to(spec["device"]) for k, v in batch.items()}, keep
+
+
 def run_heft(spec: dict) -> dict:
     from heft.config import PositionsConfig, ReftConfig
-    from heft.data import Encoded, train_batch
     from heft.model import decoder_layers, fp32_output_head, hidden_size
     from heft.reft import ReftModel
     from heft.train import answer_loss, model_forward
@@ -133,10 +142,7 @@ def run_heft(spec: dict) -> dict:
     reft.train()
 
     def step(rows: list[dict]) -> torch.Tensor:
-        items = [Encoded(r["prompt"], (r["answer"], r["answer"]), 1, False) for r in rows]
-        batch = train_batch(items, spec["pad_id"])
-        keep = int(batch.pop("logits_to_keep"))
-        batch = {k: v.to(spec["device"]) for k, v in batch.items()}
+        batch, keep = heft_batch(rows, spec)
         with autocast(spec):
             loss = answer_loss(model_forward(reft, batch, keep), batch["targets"])
         loss.backward()
@@ -149,7 +155,6 @@ def run_heft(spec: dict) -> dict:
 
 
 def run_floor(spec: dict) -> dict:
-    from heft.data import Encoded, train_batch
     from heft.model import decoder_layers, fp32_output_head
     from heft.train import answer_loss
 
@@ -167,10 +172,7 @@ def run_floor(spec: dict) -> dict:
     decoder_layers(model)[0].register_forward_hook(leaf_output)
 
     def step(rows: list[dict]) -> torch.Tensor:
-        items = [Encoded(r["prompt"], (r["answer"], r["answer"]), 1, False) for r in rows]
-        batch = train_batch(items, spec["pad_id"])
-        keep = int(batch.pop("logits_to_keep"))
-        batch = {k: v.to(spec["device"]) for k, v in batch.items()}
+        batch, keep = heft_batch(rows, spec)
         with autocast(spec):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            position_ids=batch["position_ids"], logits_to_keep=keep, use_cache=False).logits
@@ -334,10 +336,10 @@ def main() -> None:
     print(f"first-step loss (every edit starts at exactly zero) differs by at most {result['first_step_loss_max_abs_diff']:.2e}")
     print(f"speed-up of heft over pyreft: {result['speedup_heft_over_pyreft']:.2f}x (goal >= 1.5x)")
     print(f"heft / floor: {result['heft_over_floor']:.3f} (goal <= 1.10)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    from heft.io import write_json
+
+    write_json(Path(args.out), result)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
