@@ -139,7 +139,7 @@ def test_checkpoint_pointer_survives_a_crash_mid_save(tmp_path, monkeypatch):
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.AdamW([p], lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    first = checkpoint.save(tmp_path, [("w", p)], opt, sched, checkpoint.Progress(step=1, micro=1))
+    first = checkpoint.save(tmp_path, checkpoint.snapshot([("w", p)], opt), sched, checkpoint.Progress(step=1, micro=1))
     real_save = torch.save
 
     def crash(*a, **k):
@@ -147,7 +147,7 @@ def test_checkpoint_pointer_survives_a_crash_mid_save(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        checkpoint.save(tmp_path, [("w", p)], opt, sched, checkpoint.Progress(step=2, micro=2))
+        checkpoint.save(tmp_path, checkpoint.snapshot([("w", p)], opt), sched, checkpoint.Progress(step=2, micro=2))
     monkeypatch.setattr(torch, "save", real_save)
     assert checkpoint.latest(tmp_path) == first
     assert sorted(x.name for x in tmp_path.iterdir()) == ["latest", "step-000001"]
@@ -163,7 +163,7 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.AdamW([p], lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    ck = checkpoint.save(tmp_path, [("w", p)], opt, sched, checkpoint.Progress(step=1, micro=1))
+    ck = checkpoint.save(tmp_path, checkpoint.snapshot([("w", p)], opt), sched, checkpoint.Progress(step=1, micro=1))
     data = (ck / "trainable.safetensors").read_bytes()
     (ck / "trainable.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):

@@ -1,15 +1,16 @@
 """Training checkpoints: everything needed to continue a stage exactly where it stopped.
 
 A checkpoint is a folder `stages/NN-x/checkpoints/step-000120/` holding
-    trainable.safetensors   the stage's trainable tensors, by name
-    optimizer.pt            AdamW state (tensors and numbers only: loaded with weights_only=True)
+    trainable.safetensors   the stage's trainable tensors, by name (whole, also under FSDP)
+    optimizer.pt            AdamW state (whole tensors and numbers only: loaded with weights_only=True)
     rng.safetensors         torch CPU (and CUDA) generator states of every process, `rank{r}.cpu`,
                             `rank{r}.cuda{i}`: under data parallelism each process draws its own dropout
                             masks, so each one's stream is restored for an exact resume
     state.json              optimizer step, micro-batches done, tokens, seconds, scheduler state
 It is written under a temporary name and renamed into place, then `checkpoints/latest` (a one-line
 file, replaced atomically) is pointed at it, and only then are older checkpoints deleted: a crash at
-any moment leaves a complete latest checkpoint.
+any moment leaves a complete latest checkpoint. Holding whole tensors, a checkpoint written by N
+processes (DDP or FSDP) resumes on any number of processes; only the dropout streams are per process.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import io
+from . import io, sharding
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,16 @@ class Progress:
     tokens: int = 0
     seconds: float = 0.0
     last_loss: float | None = None
+    processes: int | None = None
+    """How many processes trained: a stage's global batch is batch_size x processes (None: not recorded)."""
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _world() -> int:
+    return dist.get_world_size() if _distributed() else 1
 
 
 def _rank() -> int:
@@ -71,26 +78,33 @@ def rng_states() -> dict[str, torch.Tensor]:
     return {f"rank{r}.{k}": v.cpu() for r, states in enumerate(everyone) for k, v in states.items()}
 
 
-def save(folder: Path, trainable: list[tuple[str, nn.Parameter]], optimizer: Any, scheduler: Any,
-         progress: Progress, keep: int = 1, rng: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write checkpoint `folder/step-NNNNNN` atomically, point `latest` at it, prune older ones.
+@dataclass
+class Snapshot:
+    """What a checkpoint holds besides progress: whole tensors, so it resumes on any number of processes."""
 
-    `rng` is `rng_states()` gathered from every process; without it only the calling process's
-    generators are stored, and other processes resume with its stream (exact on one process only).
-    """
+    tensors: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+
+
+def snapshot(trainable: list[tuple[str, nn.Parameter]], optimizer: Any) -> Snapshot:
+    """Gather a checkpoint's content: a collective under torch.distributed (every process calls it, then
+    only the main one passes the result to `save`). Sharded (FSDP) tensors and optimizer state are made whole."""
     if {id(p) for g in optimizer.param_groups for p in g["params"]} != {id(p) for _, p in trainable}:
-        # FSDP (accelerate's prepare) swaps parameters for sharded copies: these would be stale, untrained tensors
-        raise CheckpointError(f"{folder}: the optimizer no longer updates this stage's parameters (they were replaced, "
-                              "e.g. sharded by FSDP); heft saves full tensors from the main process and supports data "
-                              "parallel (DDP) only: use configs/accelerate/ddp.yaml")
-    if rng is None:
-        rng = {f"rank{_rank()}.{k}": v for k, v in _local_rng().items()}
+        raise CheckpointError("the optimizer does not update this stage's listed parameters (they were replaced, e.g. "
+                              "by FSDP's sharded copies, after the list was taken); take the list from the prepared "
+                              "model (heft.sharding.rebind)")
+    return Snapshot(sharding.full_cpu(dict(trainable)), sharding.optimizer_state_full(optimizer), rng_states())
+
+
+def save(folder: Path, snap: Snapshot, scheduler: Any, progress: Progress, keep: int = 1) -> Path:
+    """Write checkpoint `folder/step-NNNNNN` atomically, point `latest` at it, prune older ones."""
     name = f"step-{progress.step:06d}"
     final = folder / name
     with io.atomic_dir(final) as tmp:
-        save_file({n: p.detach().cpu().contiguous() for n, p in trainable}, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        save_file(rng, str(tmp / "rng.safetensors"))
+        save_file(snap.tensors, str(tmp / "trainable.safetensors"))
+        torch.save(snap.optimizer, tmp / "optimizer.pt")
+        save_file(snap.rng, str(tmp / "rng.safetensors"))
         io.write_json(tmp / "state.json", {**asdict(progress), "scheduler": scheduler.state_dict()})
     io.write_text(folder / LATEST, name + "\n")
     done = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name != name)
@@ -119,16 +133,20 @@ def restore(ckpt: Path, trainable: list[tuple[str, nn.Parameter]], optimizer: An
         state = json.loads((ckpt / "state.json").read_text())
     except Exception as e:  # safetensors, torch and json each raise their own types for a damaged file
         raise CheckpointError(f"{ckpt}: cannot read the checkpoint ({type(e).__name__}: {e}); it is corrupt or truncated") from None
+    saved_by = state.get("processes")
+    if saved_by is not None and saved_by != _world():
+        raise CheckpointError(f"{ckpt}: written by {saved_by} process(es), but this run has {_world()}; a stage's global "
+                              f"batch is batch_size x processes, so resume it with {saved_by} process(es) (any engine: "
+                              "the checkpoint holds whole tensors, DDP and FSDP can resume each other's)")
     names = {n for n, _ in trainable}
     if set(tensors) != names:
         raise CheckpointError(f"{ckpt}: its tensors do not match this stage's trainable parameters "
                               f"(missing {sorted(names - set(tensors))[:3]}, unexpected {sorted(set(tensors) - names)[:3]})")
-    with torch.no_grad():
-        for n, p in trainable:
-            if tensors[n].shape != p.shape:
-                raise CheckpointError(f"{ckpt}: {n} has shape {tuple(tensors[n].shape)}, expected {tuple(p.shape)}")
-            p.copy_(tensors[n])
-    optimizer.load_state_dict(opt_state)
+    for n, p in trainable:
+        if tensors[n].shape != p.shape:
+            raise CheckpointError(f"{ckpt}: {n} has shape {tuple(tensors[n].shape)}, expected {tuple(p.shape)}")
+        sharding.assign(p, tensors[n])
+    sharding.load_optimizer_state(optimizer, opt_state)
     scheduler.load_state_dict(state.pop("scheduler"))
     _restore_rng(ckpt, rng)
     return Progress(**state)

@@ -175,10 +175,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = _split_overrides(rest)
         handler = {"run": cmd_run, "compare": cmd_compare, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}[args.command]
-        return handler(args, overrides)
+        code = handler(args, overrides)
+        _leave_process_group(wait=True)
+        return code
     except HeftError as e:
         print(f"heft: error: {e}", file=sys.stderr)
+        _leave_process_group(wait=False)
         return 2
+
+
+def _leave_process_group(wait: bool) -> None:
+    """Under torchrun / accelerate launch: finish together, then shut the process group down before the
+    interpreter exits (left to exit-time destructors, gloo can abort a process that is still finishing)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

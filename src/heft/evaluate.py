@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import sharding
 from .data import Encoded, prompt_batch, train_batch
 from .train import autocast, model_forward
 
@@ -57,7 +58,7 @@ def score(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int
     model.eval()
     device = accelerator.device
     order = sorted(range(len(rows)), key=lambda i: -(len(rows[i].prompt)))  # similar lengths together
-    order = order[accelerator.process_index::accelerator.num_processes]  # this process's share, gathered below
+    order, real = _share(order, model, accelerator)  # this process's share, gathered below
     out: list[dict[str, Any] | None] = [None] * len(rows)
     splits = [single_token_split(r) for r in rows]
     fast = all(s is not None for s in splits)
@@ -90,10 +91,25 @@ def score(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int
         lp = lp.cpu()
         p_yes = torch.softmax(lp, dim=1)[:, 1]
         for j, i in enumerate(idx):
+            if start + j >= real:
+                break  # padding (FSDP): scored by another process
             pred = bool(lp[j, 1] > lp[j, 0])
             out[i] = {"label": bool(rows[i].label), "pred": pred, "p_yes": float(p_yes[j]),
                       "lp_no": float(lp[j, 0]), "lp_yes": float(lp[j, 1])}
     return _gather(out, accelerator)
+
+
+def _share(order: list[int], model: nn.Module, accelerator: Any) -> tuple[list[int], int]:
+    """This process's rows (every num_processes-th of `order`) and how many of them are its own.
+
+    Under FSDP every forward pass is a collective, so every process must run the same number: the
+    shorter shares are padded with a row another process scores, whose result is dropped."""
+    world = accelerator.num_processes
+    mine = order[accelerator.process_index::world]
+    real = len(mine)
+    if world > 1 and sharding.is_sharded(model) and order:
+        mine = mine + [order[0]] * (-(-len(order) // world) - real)
+    return mine, real
 
 
 def _gather(out: list[dict[str, Any] | None], accelerator: Any) -> list[dict[str, Any]]:
@@ -116,20 +132,25 @@ def generate(model: nn.Module, rows: list[Encoded], tokenizer: Any, *, batch_siz
     pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in answer_words) + r")\b", re.IGNORECASE)
     out: list[dict[str, Any] | None] = [None] * len(rows)
     inner = getattr(model, "module", model)
-    mine = list(range(len(rows)))[accelerator.process_index::accelerator.num_processes]
+    mine, real = _share(list(range(len(rows))), inner, accelerator)
+    sync = sharding.is_sharded(inner) and accelerator.num_processes > 1  # every process decodes until all are done
     for start in tqdm(range(0, len(mine), batch_size), desc=desc, unit="batch", mininterval=2.0,
                       disable=not accelerator.is_main_process):
         ids = mine[start:start + batch_size]
         chunk = [rows[i] for i in ids]
         batch = {k: v.to(device) for k, v in prompt_batch([r.prompt for r in chunk], pad_id=tokenizer.pad_token_id).items()}
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        with autocast(accelerator):
+        if sync:
+            kwargs["synced_gpus"] = True
+        with autocast(accelerator), sharding.root_gathered(inner):
             if hasattr(inner, "interventions"):
                 seqs = inner.generate(batch["input_ids"], batch["attention_mask"], batch["prompt_start"], batch["prompt_len"], **kwargs)
             else:
                 seqs = inner.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
         width = batch["input_ids"].shape[1]
-        for i, r, s in zip(ids, chunk, seqs):
+        for j, (i, r, s) in enumerate(zip(ids, chunk, seqs)):
+            if start + j >= real:
+                break  # padding (FSDP): decoded by another process
             text = tokenizer.decode(s[width:], skip_special_tokens=True)
             m = pattern.search(text)
             pred = None if m is None else m.group(1).lower() == answer_words[1]

@@ -15,9 +15,10 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from torch import nn
 
-from . import io
+from . import io, sharding
 from .config import LoraConfig
 from .errors import CheckpointError, ConfigError
 
@@ -56,10 +57,23 @@ def attach(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         raise ConfigError(f"lora.target_modules: {e}. Use `all-linear` or names of linear layers in this model") from None
 
 
-def save(peft_model: nn.Module, folder: Path) -> None:
-    """Save only the adapter, in PEFT's format, atomically (a crash leaves the old folder or the new one)."""
+def adapter_tensors(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's entries of the model's state dict, whole (a collective when FSDP has sharded the
+    model), for `save(..., tensors=)`: PEFT's `save_pretrained` selects and renames them itself."""
+    sharding.reshard(peft_model)
+    return sharding.full_cpu({k: v for k, v in peft_model.state_dict().items() if "lora_" in k})
+
+
+def save(peft_model: nn.Module, folder: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Save only the adapter, in PEFT's format, atomically (a crash leaves the old folder or the new one).
+
+    Under FSDP every process calls `adapter_tensors` and passes its result here on the main process.
+    """
     with io.atomic_dir(folder) as tmp:
-        peft_model.save_pretrained(str(tmp))
+        if tensors is None:
+            peft_model.save_pretrained(str(tmp))
+        else:
+            peft_model.save_pretrained(str(tmp), state_dict=tensors)
 
 
 def load(model: nn.Module, folder: Path, merge: bool) -> nn.Module:

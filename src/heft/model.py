@@ -62,7 +62,10 @@ def load_model(cfg: ModelConfig, device: torch.device):
     if cfg.quantization == "none":
         model.to(device)  # a quantized model is placed by bitsandbytes and cannot be moved
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
     fp32_output_head(model)

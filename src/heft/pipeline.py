@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, flops, io, lora
+from . import __version__, flops, io, lora, sharding
 from .config import RunConfig, StageConfig, dump_yaml, load, stage_dir_name
 from .data import Encoder, Example, load_splits, majority_label
 from .errors import CheckpointError, ConfigError
@@ -55,14 +55,22 @@ class Reuse:
 def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
 
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ConfigError("DeepSpeed is not supported: its ZeRO optimizer replaces the adapter parameters with flat "
+                          "partitions and runs its own gradient accumulation, which heft's exact checkpoints and "
+                          "global-batch arithmetic do not follow; launch with configs/accelerate/fsdp.yaml to shard "
+                          "the model (for adapters, the frozen weights are what needs sharding) or configs/accelerate/ddp.yaml")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     acc = Accelerator(mixed_precision="no", cpu=device.type == "cpu")
     from accelerate.utils import DistributedType
 
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or acc.distributed_type == DistributedType.FSDP:
-        raise ConfigError("FSDP is not supported by heft yet: heft saves adapters and checkpoints as full tensors from the "
-                          "main process, which FSDP shards (and without a GPU accelerate silently runs DDP instead); launch "
-                          "with configs/accelerate/ddp.yaml (GPUs) or configs/accelerate/cpu-2proc.yaml (CPU)")
+    if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
+        raise ConfigError("FSDP version 1 is not supported: heft shards with FSDP2 (per-parameter DTensors); set "
+                          "fsdp_config.fsdp_version: 2 in the accelerate config (see configs/accelerate/fsdp.yaml)")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.distributed_type != DistributedType.FSDP:
+        logger.warning("the accelerate config asks for FSDP, but accelerate runs %s on %s (it shards with FSDP on GPUs "
+                       "only): training is data parallel, with the whole model on every process",
+                       acc.distributed_type.value, device.type)
     acc.heft_bf16 = use_bf16(cfg.precision, device)  # applied by heft.train.autocast
     return acc
 
@@ -85,6 +93,7 @@ def _meta(cfg: RunConfig, accelerator: Any, model_path: str, model: nn.Module) -
 
     return {
         "model_shape": model_shape(model), "num_processes": accelerator.num_processes,
+        "distributed": accelerator.distributed_type.value,  # NO, MULTI_GPU (DDP, also on CPU), FSDP, ...
         "heft_version": __version__, "base_model": cfg.model.name_or_path, "base_model_resolved": model_path,
         "non_embedding_params": flops.non_embedding_params(model),
         "strategy": cfg.label(), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -204,8 +213,11 @@ def _train_stage(s: Session, cfg: RunConfig, i: int, stage: StageConfig, folder:
         def epoch_end(epoch: int, r: StageResult) -> None:
             if cfg.eval.every_epoch and epoch < stage.epochs:
                 tracker.evaluate(i, stage, epoch, r)
-            if snapshot_epochs and stage.method == "lora" and epoch < stage.epochs and s.main:
-                lora.save(s.model, folder / f"epoch-{epoch}" / "adapter")
+            if snapshot_epochs and stage.method == "lora" and epoch < stage.epochs:
+                tensors = lora.adapter_tensors(s.model)  # every process: a collective under FSDP
+                if not s.main:
+                    return
+                lora.save(s.model, folder / f"epoch-{epoch}" / "adapter", tensors)
                 io.write_json(folder / f"epoch-{epoch}" / "progress.json",
                               {"epoch": epoch, "optimizer_steps": r.optimizer_steps, "train_seconds": r.train_seconds,
                                "tokens": r.tokens, "loss": r.final_loss})
@@ -217,15 +229,18 @@ def _train_stage(s: Session, cfg: RunConfig, i: int, stage: StageConfig, folder:
                              log_path=folder / "train_log.jsonl", log_every=cfg.log_every, on_epoch_end=epoch_end,
                              desc=f"{cfg.label()} stage {i} ({stage.method})", checkpoint_dir=folder / "checkpoints",
                              checkpoint_every=cfg.checkpoint_every, resume=resuming, on_log=tracker.log_steps)
-    if stage.method in ("reft", "joint"):
-        s.reft.consolidate()  # every process: R itself becomes the stored tensor (see LoReFT.consolidate)
-    if s.main:  # only the main process writes; the others hold identical weights (DDP)
-        if stage.method in ("lora", "joint"):
-            lora.save(s.model, folder / "adapter")
-        if stage.method in ("reft", "joint"):
-            s.reft.save(folder)
+    # Every process gathers the whole tensors (a collective under FSDP; R itself becomes the stored tensor,
+    # see LoReFT.consolidate), then only the main process writes.
+    lora_tensors = lora.adapter_tensors(s.model) if stage.method in ("lora", "joint") else None
+    reft_tensors = s.reft.tensors() if stage.method in ("reft", "joint") else None
+    if s.main:
+        if lora_tensors is not None:
+            lora.save(s.model, folder / "adapter", lora_tensors)
+        if reft_tensors is not None:
+            s.reft.save(folder, reft_tensors)
     if stage.method in ("lora", "joint"):
-        s.replace_model(lora.finish(s.model, cfg.lora.merge))
+        # A sharded model cannot be merged in place; the next stage starts from the saved adapter (train_run)
+        s.replace_model(lora.finish(s.model, cfg.lora.merge and not sharding.is_sharded(s.model)))
     info.update(optimizer_steps=result.optimizer_steps, epochs=result.epochs, train_seconds=round(result.train_seconds, 2),
                 tokens=result.tokens, final_loss=result.final_loss, flops=tracker.stage_flops(stage, result.tokens))
     if s.main:
@@ -303,6 +318,9 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
             if every and not last and not any(r["stage_epoch"] >= info["epochs"] for r in (reuse_i.evals if reuse_i else [])):
                 tracker.evaluate(i, stage, info["epochs"], _result_of(info))
         s.top.requires_grad_(False)
+        if sharding.is_sharded(s.top) and i < len(cfg.stages) - 1:
+            s = _reload_session(cfg, out, i)
+            tracker.s = s
         stage_info.append(info)
         total_params += info["trainable_params"]
         if i < len(cfg.stages) - 1:
@@ -329,6 +347,19 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
         io.write_json(out / "metrics.json", metrics)
     s.accelerator.wait_for_everyone()
     return metrics
+
+
+def _reload_session(cfg: RunConfig, out: Path, last: int) -> Session:
+    """The base model with stages 0..`last` loaded from their saved adapters, not sharded yet.
+
+    FSDP shards a model in place when a stage's training prepares it, and a sharded model cannot take
+    the next stage's adapters and be sharded again; so under FSDP each stage starts from a fresh copy
+    of the base model, with the finished stages applied as they were saved (merged if lora.merge)."""
+    s = Session(cfg)
+    for j, stage in enumerate(cfg.stages[: last + 1]):
+        _apply_finished_stage(s, cfg, stage, out / "stages" / stage_dir_name(j, stage))
+    s.top.requires_grad_(False)
+    return s
 
 
 def _result_of(info: dict[str, Any]) -> StageResult:

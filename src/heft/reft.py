@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__, io
+from . import __version__, io, sharding
 from .config import PositionsConfig, ReftConfig
 from .errors import CheckpointError, ConfigError
 
@@ -86,8 +86,8 @@ class LoReFT(nn.Module):
     @torch.no_grad()
     def consolidate(self) -> None:
         """Store R itself in `rotation`, so saved files hold R and reloading reproduces outputs exactly."""
-        if self.orthogonal:
-            self.rotation.copy_(self.R())
+        if self.orthogonal:  # whole tensors: under FSDP `rotation` is sharded across processes (a collective)
+            sharding.assign(self.rotation, orthonormal_rows(sharding.full(self.rotation)))
 
 
 class DiReFT(nn.Module):
@@ -253,8 +253,15 @@ class ReftModel(nn.Module):
         return self.model
 
     def consolidate(self) -> None:
+        """Store each R itself (see LoReFT.consolidate); under FSDP a collective, called on every process."""
+        sharding.reshard(self)  # the sharded parameters are the ones training updated
         for m in self.interventions.values():
             m.consolidate()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The consolidated interventions' whole tensors, fp32 on CPU, as `save` writes them (a collective under FSDP)."""
+        self.consolidate()
+        return {k: v.float() for k, v in sharding.full_cpu(self.interventions.state_dict()).items()}
 
     def reft_config_dict(self) -> dict[str, Any]:
         return {
@@ -264,11 +271,13 @@ class ReftModel(nn.Module):
             "hidden_size": self.hidden_size, "num_layers": self.num_layers, "heft_version": __version__,
         }
 
-    def save(self, folder: Path) -> None:
-        """Write `reft.safetensors` (only the interventions' tensors) and `reft_config.json`."""
-        self.consolidate()
+    def save(self, folder: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Write `reft.safetensors` (only the interventions' tensors) and `reft_config.json`.
+
+        Under FSDP every process calls `tensors()` and passes its result here on the main process.
+        """
+        tensors = self.tensors() if tensors is None else tensors
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.interventions.state_dict().items()}
         tmp = io.atomic_file(folder / REFT_WEIGHTS)
         try:
             save_file(tensors, str(tmp), metadata={"format": "heft-reft"})

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, sharding
 from .config import StageConfig
 from .data import BucketBatches, Encoded, train_batch
 from .errors import HeftError
@@ -153,7 +153,13 @@ def train_stage(
     total_steps = math.ceil(total_micro / stage.grad_accum)
     optimizer = torch.optim.AdamW(param_groups(trainable, stage.weight_decay, no_decay), lr=stage.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage, total_steps))
+    names = {id(p): n for n, p in model.named_parameters()}
     model, optimizer = accelerator.prepare(model, optimizer)
+    # FSDP2 shards the model in place, swapping its parameters for sharded ones the optimizer now updates
+    trainable = sharding.rebind(trainable, names, accelerator.unwrap_model(model))
+    if sharding.is_sharded(model):
+        logger.info("%s: FSDP shards the model over %d processes; this one holds %.1f%% of its parameters",
+                    desc, world, 100 * sharding.local_share(model))
     params = [p for _, p in trainable]
     model.train()
     torch.manual_seed(seed)  # dropout masks depend only on the seed
@@ -200,10 +206,10 @@ def train_stage(
             return
         saved_at[0] = step
         flush(log)  # on every process (it reduces across them); never checkpoint past a non-finite loss
-        rng = checkpoint.rng_states()  # on every process too: gathers each one's generator states
+        snap = checkpoint.snapshot(trainable, optimizer)  # on every process too: gathers shards and generator states
         if accelerator.is_main_process:
-            checkpoint.save(checkpoint_dir, trainable, optimizer, scheduler,
-                            checkpoint.Progress(step, micro_done, tokens, time.perf_counter() - start, last_loss), rng=rng)
+            checkpoint.save(checkpoint_dir, snap, scheduler,
+                            checkpoint.Progress(step, micro_done, tokens, time.perf_counter() - start, last_loss, world))
 
     bar.update(done.micro)
     with (log_path.open("a") if accelerator.is_main_process else open(os.devnull, "w")) as log:
@@ -241,7 +247,7 @@ def train_stage(
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 pending.append({"step": step, "epoch": round((micro + 1) / len(batches), 4),
-                                "loss": torch.stack(micro_losses).mean().float(), "grad_norm": norm.detach().float(),
+                                "loss": torch.stack(micro_losses).mean().float(), "grad_norm": sharding.full(norm).float(),
                                 "lr": scheduler.get_last_lr()[0], "tokens": tokens,
                                 "seconds": round(time.perf_counter() - start, 2)})
                 micro_losses = []
