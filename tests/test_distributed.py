@@ -230,3 +230,30 @@ def test_deepspeed_is_refused_before_any_work(single, tmp_path, monkeypatch, cap
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with a DeepSpeed config sets
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "ds")]) != 0
     assert "DeepSpeed is not supported" in capsys.readouterr().err and not (tmp_path / "ds").exists()
+
+
+def _suite(root: Path, model_dir: Path, files: tuple[Path, Path], batch: int) -> Path:
+    common = tiny_config(model_dir, files, [], data={"train_size": 16})
+    del common["stages"]
+    lora_stage = {"method": "lora", "lr": 1e-2, "batch_size": batch}
+    reft_stage = {"method": "reft", "epochs": 1, "lr": 1e-2, "batch_size": batch}
+    path = root / f"suite-{batch}.yaml"
+    path.write_text(yaml.safe_dump({"common": common, "strategies": {
+        "lora": [{**lora_stage, "epochs": 2}], "reft": [reft_stage], "heft": [{**lora_stage, "epochs": 1}, reft_stage]}}))
+    return path
+
+
+def test_fsdp_heft_run_suite_matches_one_process(tiny_model_dir, boolq_files, tmp_path):
+    """`heft run` under FSDP: every strategy, HEFT's LoRA stage taken from LoRA-only's epoch-1 snapshot
+    (saved whole by both processes), the same predictions as one process with the same global batch."""
+    assert main(["run", "--config", str(_suite(tmp_path, tiny_model_dir, boolq_files, 8)), "--out", str(tmp_path / "one")]) == 0
+    proc = fsdp("run", "--config", str(_suite(tmp_path, tiny_model_dir, boolq_files, 4)), "--out", str(tmp_path / "fsdp"),
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "fsdp"))
+    assert two["shared_stages"] == one["shared_stages"] == {"heft": "lora (epoch 1 snapshot)"}
+    for name in ("lora", "reft", "heft"):
+        a = [json.loads(x)["pred"] for x in (tmp_path / "one" / name / "predictions.jsonl").read_text().splitlines()]
+        b = [json.loads(x)["pred"] for x in (tmp_path / "fsdp" / name / "predictions.jsonl").read_text().splitlines()]
+        assert a == b, name
+        assert json.loads((tmp_path / "fsdp" / name / "meta.json").read_text())["distributed"] == "FSDP"
