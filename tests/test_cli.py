@@ -442,3 +442,27 @@ def test_generation_evaluation_through_the_cli(tiny_model_dir, boolq_files, tmp_
     assert len(preds) == 20 and all("text" in p and p["pred"] in (True, False, None) for p in preds)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["correct"] == sum(1 for p in preds if p["pred"] is not None and p["pred"] == p["label"])
+
+
+def test_random_init_needs_only_the_config_and_tokenizer(tiny_model_dir, boolq_files, tmp_path, capsys):
+    """`model.init: random` builds the architecture from config.json (no weight files), seeded: the run
+    folder re-evaluates to the same predictions, and it is not the pretrained model."""
+    import shutil
+
+    shape = tmp_path / "shape-only"
+    shutil.copytree(tiny_model_dir, shape, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    raw = raw_config(shape, boolq_files, [{"method": "lora", "epochs": 1, "lr": 1e-2, "batch_size": 8}],
+                     model={"init": "random"})
+    path = write_yaml(tmp_path / "cfg.yaml", raw)
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["matches_saved_predictions"] is True
+    assert json.loads((tmp_path / "run/stages/00-lora/stage.json").read_text())["peak_memory"]["gb"] > 0
+    raw["model"] = {"name_or_path": str(tiny_model_dir)}
+    assert main(["train", "--config", str(write_yaml(tmp_path / "p.yaml", raw)), "--out", str(tmp_path / "pre")]) == 0
+    a = (tmp_path / "run/predictions.jsonl").read_text()
+    assert a != (tmp_path / "pre/predictions.jsonl").read_text()
+    raw["model"] = {"name_or_path": str(shape)}  # pretrained weights asked for, none there
+    assert main(["train", "--config", str(write_yaml(tmp_path / "m.yaml", raw)), "--out", str(tmp_path / "m")]) == 2
+    assert "set model.init: random" in capsys.readouterr().err

@@ -37,6 +37,9 @@ class ModelConfig:
     """Recompute activations in backward to save memory (slower)."""
     quantization: Literal["none", "4bit"] = "none"
     """`4bit`: load the frozen base in NF4 through bitsandbytes (QLoRA). CUDA GPUs only; needs lora.merge: false."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """`random`: build the model from the folder's config.json with random weights (seeded by `seed`), no weight
+    files needed: for checking memory and speed at a model's real shape before fetching its weights."""
 
 
 @dataclass(frozen=True)
@@ -276,6 +279,8 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         need(d.train_path is not None or not cfg.stages, "data.train_path: required when data.source is 'local' and there are training stages")
         need(d.eval_path is not None, "data.eval_path: required when data.source is 'local'")
     need(lo.r > 0, f"lora.r: must be positive, got {lo.r}")
+    need(cfg.model.init == "pretrained" or cfg.model.quantization == "none",
+         "model.init: random weights cannot be loaded in 4-bit; set model.quantization: none with model.init: random")
     need(cfg.model.quantization == "none" or not lo.merge,
          "lora.merge: a LoRA stage cannot be merged into 4-bit weights; set lora.merge: false with model.quantization: 4bit")
     need(0.0 <= lo.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {lo.dropout}")

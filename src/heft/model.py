@@ -39,6 +39,17 @@ def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def _random_model(path: str, cfg: ModelConfig, device: torch.device) -> nn.Module:
+    """The architecture in `path`'s config.json with random weights, built directly on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    logger.info("model.init: random: building %s from its config with random weights", path)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(cfg.dtype, device),
+                                                trust_remote_code=cfg.trust_remote_code)
+
+
 def load_model(cfg: ModelConfig, device: torch.device):
     """(model, tokenizer) with all base weights frozen, in eval mode semantics left to the caller."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -53,9 +64,14 @@ def load_model(cfg: ModelConfig, device: torch.device):
         kw["quantization_config"] = _four_bit_config(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.dtype, device), **kw)
+        if cfg.init == "random":
+            model = _random_model(path, cfg, device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.dtype, device), **kw)
     except OSError as e:
-        raise ConfigError(f"model.name_or_path: cannot load {path!r} ({e}). Offline? Point it at a local model folder.") from None
+        hint = ("It has a config.json: set model.init: random to build it with random weights"
+                if local and (Path(path) / "config.json").is_file() else "Offline? Point it at a local model folder.")
+        raise ConfigError(f"model.name_or_path: cannot load {path!r} ({e}). {hint}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False)

@@ -16,6 +16,7 @@ Run folder layout (everything needed to reload, nothing else):
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import platform
@@ -36,7 +37,7 @@ from .evaluate import accuracy, generate, score
 from .model import decoder_layers, hidden_size, load_model
 from .reft import ReftModel, check_fits, no_decay_names
 from .tracking import Tracker
-from .train import StageResult, train_stage, use_bf16
+from .train import StageResult, peak_memory, train_stage, use_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ def _train_stage(s: Session, cfg: RunConfig, i: int, stage: StageConfig, folder:
                              log_path=folder / "train_log.jsonl", log_every=cfg.log_every, on_epoch_end=epoch_end,
                              desc=f"{cfg.label()} stage {i} ({stage.method})", checkpoint_dir=folder / "checkpoints",
                              checkpoint_every=cfg.checkpoint_every, resume=resuming, on_log=tracker.log_steps)
+        info["peak_memory"] = peak_memory(s.accelerator.device)
     # Every process gathers the whole tensors (a collective under FSDP; R itself becomes the stored tensor,
     # see LoReFT.consolidate), then only the main process writes.
     lora_tensors = lora.adapter_tensors(s.model) if stage.method in ("lora", "joint") else None
@@ -319,8 +321,9 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
                 tracker.evaluate(i, stage, info["epochs"], _result_of(info))
         s.top.requires_grad_(False)
         if sharding.is_sharded(s.top) and i < len(cfg.stages) - 1:
-            s = _reload_session(cfg, out, i)
-            tracker.s = s
+            s = tracker.s = None  # type: ignore[assignment]  # free the sharded model before loading a fresh one
+            gc.collect()
+            s = tracker.s = _reload_session(cfg, out, i)
         stage_info.append(info)
         total_params += info["trainable_params"]
         if i < len(cfg.stages) - 1:

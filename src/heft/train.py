@@ -112,6 +112,32 @@ def lr_lambda(stage: StageConfig, total_steps: int) -> Callable[[int], float]:
     return f
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting this process's peak memory afresh (CUDA; on Linux also the peak RSS, through clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set size
+    except OSError:
+        pass  # not Linux, or not permitted: peak_memory then reports the peak since the process started
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """This process's peak memory since `reset_peak_memory`: CUDA's most allocated, else the peak RSS."""
+    if device.type == "cuda":
+        return {"what": "cuda max allocated", "gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 3)}
+    try:
+        hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+        return {"what": "peak RSS during the stage", "gb": round(int(hwm.split()[1]) * 1024 / 1e9, 3)}
+    except (OSError, StopIteration):
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return {"what": "peak RSS since the process started", "gb": round(rss / 1e9, 3)}
+
+
 def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float, no_decay: set[str]) -> list[dict]:
     decay = [p for n, p in named if n not in no_decay]
     rest = [p for n, p in named if n in no_decay]
@@ -146,6 +172,7 @@ def train_stage(
     """
     if not rows:
         raise HeftError("training data is empty: no rows to train on (check data.train_size and the data files)")
+    reset_peak_memory(accelerator.device)
     world, rank = accelerator.num_processes, accelerator.process_index
     # Global batches of batch_size rows per process: the same run on 1 or N processes sees the same data.
     batches = BucketBatches([len(r.prompt) + len(r.answers[r.label]) for r in rows], stage.batch_size * world, seed, bucketing)
