@@ -34,6 +34,19 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
 
 
+def kill_at_first_checkpoint(cmd: list[str], pointer: Path, cwd: Path) -> None:
+    """Start `cmd` (a launcher and its workers) and SIGKILL all of them at once, with no chance to clean
+    up, as soon as the checkpoint pointer `pointer` appears (or after 120 s, or when it ends)."""
+    launcher = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not pointer.exists() and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.001)
+    family = [launcher.pid, *(c.pid for c in psutil.Process(launcher.pid).children(recursive=True))]
+    for pid in family:
+        os.kill(pid, signal.SIGKILL)
+    launcher.wait()
+
+
 @pytest.fixture(scope="module")
 def single(tiny_model_dir, boolq_files, tmp_path_factory) -> tuple[Path, Path]:
     """A config for 2 processes x batch 4, and its reference: one process with batch 8."""
@@ -101,16 +114,8 @@ def test_killed_ddp_run_resumes_exactly_on_every_rank(tiny_model_dir, boolq_file
     args = ["-m", "heft", "train", "--config", str(cfg), "--out"]
     assert torchrun(*args, str(tmp_path / "ref"), cwd=tmp_path).returncode == 0
     out = tmp_path / "run"
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                                 *args, str(out)], cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pointer = out / "stages/00-lora/checkpoints" / checkpoint.LATEST
-    deadline = time.time() + 120
-    while not pointer.exists() and launcher.poll() is None and time.time() < deadline:
-        time.sleep(0.001)
-    family = [launcher.pid, *(c.pid for c in psutil.Process(launcher.pid).children(recursive=True))]
-    for pid in family:  # the launcher and both workers, at once, with no chance to clean up
-        os.kill(pid, signal.SIGKILL)
-    launcher.wait()
+    kill_at_first_checkpoint([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              *args, str(out)], out / "stages/00-lora/checkpoints" / checkpoint.LATEST, tmp_path)
     assert not (out / "stages/00-lora/stage.json").exists(), "killed after the stage ended, not mid-stage"
     rng = load_file(str(checkpoint.latest(out / "stages/00-lora/checkpoints") / "rng.safetensors"))
     assert {"rank0.cpu", "rank1.cpu"} <= rng.keys() and not torch.equal(rng["rank0.cpu"], rng["rank1.cpu"])
@@ -183,16 +188,8 @@ def test_fsdp_checkpoint_holds_whole_tensors_and_resumes_under_ddp(tiny_model_di
     cfg.write_text(yaml.safe_dump(raw))
     assert fsdp("train", "--config", str(cfg), "--out", str(tmp_path / "ref"), cwd=tmp_path).returncode == 0
     out = tmp_path / "run"
-    launcher = subprocess.Popen([*FSDP_LAUNCH, "train", "--config", str(cfg), "--out", str(out)], cwd=tmp_path, env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pointer = out / "stages/00-reft/checkpoints" / checkpoint.LATEST
-    deadline = time.time() + 120
-    while not pointer.exists() and launcher.poll() is None and time.time() < deadline:
-        time.sleep(0.001)
-    family = [launcher.pid, *(c.pid for c in psutil.Process(launcher.pid).children(recursive=True))]
-    for pid in family:
-        os.kill(pid, signal.SIGKILL)
-    launcher.wait()
+    kill_at_first_checkpoint([*FSDP_LAUNCH, "train", "--config", str(cfg), "--out", str(out)],
+                             out / "stages/00-reft/checkpoints" / checkpoint.LATEST, tmp_path)
     ckpt = checkpoint.latest(out / "stages/00-reft/checkpoints")
     assert ckpt is not None and not (out / "stages/00-reft/stage.json").exists()
     tensors = load_file(str(ckpt / "trainable.safetensors"))
