@@ -156,6 +156,22 @@ def test_fsdp_two_processes_match_one(single, tmp_path):
     torch.testing.assert_close(r @ r.T, torch.eye(r.shape[0]), atol=1e-5, rtol=0)
 
 
+def test_fsdp_with_bf16_autocast_follows_one_process(single, tmp_path):
+    """heft's bf16 autocast under FSDP: the loss curves follow one process's within bf16 rounding."""
+    cfg, _ = single
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "one"), "--precision", "bf16",
+                 "--stages.0.batch_size", "8", "--stages.1.batch_size", "8"]) == 0
+    proc = fsdp("train", "--config", str(cfg), "--out", str(tmp_path / "fsdp"), "--precision", "bf16", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "fsdp/meta.json").read_text())["mixed_precision"] == "bf16"
+    for stage in ("00-lora", "01-reft"):
+        one, two = ([json.loads(x)["loss"] for x in (tmp_path / d / "stages" / stage / "train_log.jsonl").read_text().splitlines()]
+                    for d in ("one", "fsdp"))
+        assert len(one) == len(two) == 5 and max(abs(a - b) for a, b in zip(one, two)) < 0.1, (stage, one, two)
+    a, b = ([json.loads(x)["pred"] for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()] for d in ("one", "fsdp"))
+    assert sum(x == y for x, y in zip(a, b)) >= len(a) - 2, "bf16 rounding may flip a near-tie, not more"
+
+
 def test_fsdp_joint_stage_and_generation(tiny_model_dir, boolq_files, tmp_path):
     """LoRA and ReFT trained together under FSDP with gradient accumulation and gradient checkpointing,
     evaluated by greedy decoding on an odd number of rows."""
