@@ -40,6 +40,11 @@ def _split_overrides(rest: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _reports() -> bool:
+    """Under torchrun / accelerate launch only the main process prints results."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _print_table(summary: dict) -> None:
     rows = summary["strategies"]
     print(f"\nBoolQ accuracy on {next(iter(rows.values()))['n']} evaluation rows "
@@ -56,8 +61,9 @@ def cmd_run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
 
     summary = run_suite(Path(args.config) if args.config else default_suite_path(), Path(args.out), overrides,
                         overwrite=args.overwrite, only=args.only)
-    _print_table(summary)
-    print(f"\nwrote {args.out}/summary.json and one run folder per strategy")
+    if _reports():
+        _print_table(summary)
+        print(f"\nwrote {args.out}/summary.json and one run folder per strategy")
     return 0
 
 
@@ -67,12 +73,15 @@ def cmd_compare(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> i
 
     report = run_compare(Path(args.config) if args.config else default_suite_path(), args.seeds, Path(args.out), overrides,
                          only=args.only, overwrite=args.overwrite, tensorboard=args.tensorboard, targets=args.target)
+    if not _reports():
+        return 0
     print(f"\nBoolQ accuracy over seeds {report['seeds']} on {report['n']} rows "
           f"(majority baseline {report['majority_baseline']:.1%})")
     print(f"{'strategy':<10}{'mean':>9}{'std':>8}{'95% CI of mean':>20}{'params':>12}{'train s':>10}")
     for name, s in report["strategies"].items():
         std = f"{100 * s['std']:.1f}" if s["std"] is not None else "-"
-        ci = f"[{s['ci95'][0]:.1%}, {s['ci95'][1]:.1%}]" if s["ci95"] else "-"
+        # clipped to [0, 1] as in report.md; report.json keeps the t interval as computed
+        ci = f"[{max(0.0, s['ci95'][0]):.1%}, {min(1.0, s['ci95'][1]):.1%}]" if s["ci95"] else "-"
         print(f"{name:<10}{s['mean']:>9.1%}{std:>8}{ci:>20}{s['trainable_params']:>12,}{s['train_seconds']:>10.0f}")
     print(f"\nwrote {args.out}/report.md and report.json")
     return 0
@@ -91,8 +100,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
         args.config = str(out / "config.yaml")  # `heft train --out DIR --resume` continues DIR as it was configured
     cfg = load(args.config, overrides)
     m = train_run(cfg, out, overwrite=args.overwrite, resume=bool(args.resume))
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0  # under torchrun / accelerate launch only the main process reports
+    if not _reports():
+        return 0
     lo, hi = m["ci95"]
     print(f"{m['strategy']}: accuracy {m['accuracy']:.2%} [{lo:.2%}, {hi:.2%}] on {m['n']} rows "
           f"(majority baseline {m['majority_baseline']:.2%}); wrote {args.out}")
@@ -105,6 +114,9 @@ def cmd_eval(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     if overrides:
         raise ConfigError("heft eval takes no overrides: it re-evaluates the run exactly as it was configured")
     r = eval_run(Path(args.run))
+    code = 0 if r.get("matches_saved_predictions", True) else 1
+    if not _reports():
+        return code
     lo, hi = r["ci95"]
     print(f"accuracy {r['accuracy']:.2%} [{lo:.2%}, {hi:.2%}] on {r['n']} rows ({r['eval_split']})")
     if "matches_saved_predictions" in r:
@@ -112,7 +124,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
               else "predictions DIFFER from the saved ones")
     if args.json:
         print(json.dumps(r))
-    return 0 if r.get("matches_saved_predictions", True) else 1
+    return code
 
 
 def cmd_predict(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
@@ -125,6 +137,8 @@ def cmd_predict(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> i
     ex: Example = parse_row({"question": args.question, "passage": args.passage or "", "answer": False},
                             "command line", need_passage=cfg.data.prompt_format == "passage")
     pred = s.evaluate([ex])[0]
+    if not _reports():
+        return 0
     if "p_yes" in pred:
         answer = "yes" if pred["pred"] else "no"
         print(f"{answer} (p_yes={pred['p_yes']:.3f})")
