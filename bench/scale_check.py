@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -91,12 +92,10 @@ def run_strategy(name: str, shape_dir: Path, data: tuple[Path, Path], out: Path,
                       f"--stages.{i}.warmup_steps", "0"]
     if args.device == "cpu":
         overrides += ["--model.dtype", "bfloat16"]  # the configs' dtype; `auto` would mean fp32 on CPU
-    env_device = {"cpu": {"CUDA_VISIBLE_DEVICES": ""}}.get(args.device, {})
-    import os
-
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {})}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "heft", "train", "--config", str(cfg), "--out", str(out), *overrides],
-                          capture_output=True, text=True, env={**os.environ, **env_device})
+                          capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         killed = proc.returncode < 0  # a signal: on Linux SIGKILL (-9) here is the out-of-memory killer

@@ -359,10 +359,15 @@ def _reload_session(cfg: RunConfig, out: Path, last: int) -> Session:
     the next stage's adapters and be sharded again; so under FSDP each stage starts from a fresh copy
     of the base model, with the finished stages applied as they were saved (merged if lora.merge)."""
     s = Session(cfg)
-    for j, stage in enumerate(cfg.stages[: last + 1]):
-        _apply_finished_stage(s, cfg, stage, out / "stages" / stage_dir_name(j, stage))
-    s.top.requires_grad_(False)
+    _apply_saved_stages(s, cfg, out, last + 1)
     return s
+
+
+def _apply_saved_stages(s: Session, cfg: RunConfig, out: Path, count: int) -> None:
+    """Put the first `count` stages' saved adapters of run folder `out` on the session, frozen."""
+    for i, stage in enumerate(cfg.stages[:count]):
+        _apply_finished_stage(s, cfg, stage, out / "stages" / stage_dir_name(i, stage))
+    s.top.requires_grad_(False)
 
 
 def _result_of(info: dict[str, Any]) -> StageResult:
@@ -388,9 +393,7 @@ def load_run(folder: Path) -> tuple[Session, RunConfig]:
             raise CheckpointError(f"{folder}: trained on a base model with {', '.join(f'{k}={a}' for k, (a, _) in wrong.items())}, "
                                   f"but {cfg.model.name_or_path} has {', '.join(f'{k}={b}' for k, (_, b) in wrong.items())}; "
                                   "point model.name_or_path in its config.yaml at the original base model")
-    for i, stage in enumerate(cfg.stages):
-        _apply_finished_stage(s, cfg, stage, folder / "stages" / stage_dir_name(i, stage))
-    s.top.requires_grad_(False)
+    _apply_saved_stages(s, cfg, folder, len(cfg.stages))
     return s, cfg
 
 
