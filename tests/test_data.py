@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import boolq_rows, write_jsonl
@@ -16,6 +19,7 @@ from heft.data import (
     Encoder,
     Example,
     candidates,
+    encode_all,
     load_splits,
     majority_label,
     prompt_batch,
@@ -66,6 +70,29 @@ def test_string_booleans(tmp_path):
     assert [g.label for g in read_rows(write_jsonl(tmp_path / "t.jsonl", rows))] == [True, False, True, False, True]
 
 
+def test_string_booleans_any_case_and_yes_no(tmp_path):
+    values = {"TRUE": True, "FALSE": False, "yes": True, "No": False, "YES": True, "no": False, "fAlSe": False, " Yes ": True}
+    for name in ("answer", "label"):
+        rows = [_row(**{name: v}) for v in values]
+        got = read_rows(write_jsonl(tmp_path / f"{name}.jsonl", rows))
+        assert [g.label for g in got] == list(values.values()), name
+
+
+@pytest.mark.parametrize("label, message", [
+    ({"answer": "maybe"}, "field `answer` must be a boolean (true/false/yes/no, any case), got 'maybe'"),
+    ({"answer": "y"}, "field `answer` must be a boolean (true/false/yes/no, any case), got 'y'"),
+    ({"answer": 0}, "field `answer` must be a boolean (true/false/yes/no, any case), got 0"),
+    ({"label": "maybe"}, "field `label` must be a boolean (true/false/yes/no, any case, or 0/1), got 'maybe'"),
+    ({"label": "1"}, "field `label` must be a boolean (true/false/yes/no, any case, or 0/1), got '1'"),
+    ({"label": 2}, "field `label` must be a boolean (true/false/yes/no, any case, or 0/1), got 2"),
+])
+def test_refused_boolean_message(tmp_path, label, message):
+    path = write_jsonl(tmp_path / "r.jsonl", [_row(), _row(**label)])
+    with pytest.raises(DataError) as e:
+        read_rows(path)
+    assert str(e.value) == f"{path}:2: {message}"
+
+
 def test_json_list_and_data_mapping(tmp_path):
     rows = boolq_rows(5, google=True)
     a = tmp_path / "list.json"
@@ -78,14 +105,78 @@ def test_json_list_and_data_mapping(tmp_path):
 
 
 def test_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
-
     rows = boolq_rows(7)
     path = tmp_path / "rows.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     got = read_rows(path)
     assert [g.label for g in got] == [r["label"] for r in rows] and len(got) == 7
+    assert [g.source for g in got] == [f"{path}:row {i}" for i in range(7)]
+
+
+def test_corrupt_parquet_is_a_data_error(tmp_path):
+    path = tmp_path / "bad.parquet"
+    path.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match="not a readable parquet file") as e:
+        read_rows(path)
+    assert str(e.value).startswith(f"{path}: ")
+
+
+def test_source_names_file_and_line(tmp_path):
+    rows = boolq_rows(3, google=True)
+    path = tmp_path / "s.jsonl"
+    path.write_text("\n" + json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n" + json.dumps(rows[2]) + "\n")
+    assert [g.source for g in read_rows(path)] == [f"{path}:2", f"{path}:4", f"{path}:5"]
+    j = tmp_path / "s.json"
+    j.write_text(json.dumps(rows))
+    assert [g.source for g in read_rows(j)] == [f"{j}:item {i}" for i in range(3)]
+
+
+def test_source_does_not_change_equality():
+    a = Example("q", "p", True, 1, source="a.jsonl:1")
+    b = Example("q", "p", True, 1, source="b.json:item 0")
+    assert a == b and a.source != b.source
+    assert a != Example("q", "p", False, 1, source="a.jsonl:1")
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    rows = boolq_rows(5, google=True)
+    rows[1]["question"] = "is café au lait a drink"  # non-ASCII text survives too
+    plain = write_jsonl(tmp_path / "plain.jsonl", rows)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert bom.read_bytes()[:3] == b"\xef\xbb\xbf"
+    got = read_rows(bom)
+    assert got == read_rows(plain) and len(got) == 5
+    assert got[1].question == "is café au lait a drink" and got[0].source == f"{bom}:1"
+    plain_json = tmp_path / "plain.json"
+    plain_json.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    bom_json = tmp_path / "bom.json"
+    bom_json.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8-sig")
+    assert bom_json.read_bytes()[:3] == b"\xef\xbb\xbf"
+    assert read_rows(bom_json) == read_rows(plain_json) == got
+
+
+def test_bad_bytes_in_jsonl_name_file_and_line(tmp_path):
+    good = [json.dumps(r).encode() for r in boolq_rows(3)]
+    bad = b'{"question": "is it caf\xe9", "passage": "p", "answer": true}'  # latin-1, not UTF-8
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b"\n".join([good[0], b"", good[1], bad, good[2]]) + b"\n")  # the bad row is on line 4
+    with pytest.raises(DataError) as e:
+        read_rows(path)
+    assert str(e.value) == (f"{path}:4: not UTF-8 text (byte 0xe9 at byte 24 of the line); save the file as UTF-8 "
+                            "(spreadsheets: 'CSV UTF-8' or 'Unicode (UTF-8)' when saving)")
+
+
+def test_bad_bytes_in_json_name_file_and_line(tmp_path):
+    text = json.dumps(boolq_rows(2), indent=1).encode()
+    at = text.index(b"question", text.index(b"question") + 1)  # the second row's key, a few lines down
+    path = tmp_path / "latin.json"
+    path.write_bytes(b"\xef\xbb\xbf" + text[:at] + b"\xff" + text[at:])
+    with pytest.raises(DataError) as e:
+        read_rows(path)
+    line = (b"\xef\xbb\xbf" + text[:at]).count(b"\n") + 1
+    assert line > 3
+    assert str(e.value).startswith(f"{path}:{line}: not UTF-8 text (byte 0xff at byte offset {at + 3} of the file); "), e.value
 
 
 def test_blank_lines_are_not_rows_and_nothing_is_dropped(tmp_path):
@@ -142,10 +233,13 @@ def test_bad_item_in_json_names_the_item(tmp_path):
 @pytest.mark.parametrize("text, needle", [
     ("", "holds no rows"),
     ("\n\n", "holds no rows"),
+    (" \r\n\t\n", "holds no rows"),
+    ("\ufeff", "holds no rows"),
+    ("\ufeff\n\n", "holds no rows"),
 ])
 def test_empty_jsonl(tmp_path, text, needle):
     path = tmp_path / "empty.jsonl"
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     with pytest.raises(DataError, match=needle) as e:
         read_rows(path)
     assert str(path) in str(e.value)
@@ -153,15 +247,17 @@ def test_empty_jsonl(tmp_path, text, needle):
 
 @pytest.mark.parametrize("text, needle", [
     ("[]", "holds no rows"),
+    ("\ufeff[]", "holds no rows"),
+    ('{"data": []}', "holds no rows"),
     ('{"rows": []}', "expected a JSON list"),
     ("[{", "not valid JSON"),
 ])
 def test_bad_json_files(tmp_path, text, needle):
     path = tmp_path / "d.json"
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     with pytest.raises(DataError, match=needle) as e:
         read_rows(path)
-    assert str(path) in str(e.value)
+    assert str(e.value).startswith(f"{path}: ")
 
 
 def test_missing_file(tmp_path):
@@ -275,6 +371,51 @@ def test_question_only_that_does_not_fit_raises(tokenizer):
 def test_passage_format_without_room_for_the_question_raises(tokenizer):
     with pytest.raises(DataError, match=r"row idx 3: .*raise data\.max_length"):
         Encoder(tokenizer, "passage", 8).encode(LONG)
+
+
+def test_too_long_question_names_file_line_and_fix(tokenizer, tmp_path):
+    rows = [{"question": "is it", "answer": True}, {"question": "is it " + "very " * 40 + "long", "answer": False},
+            {"question": "is it not", "answer": False}]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    got = read_rows(path, need_passage=False)
+    enc = Encoder(tokenizer, "question-only", 64)
+    need = len(_ids(tokenizer, prompt_text(got[1], "question-only"))) + max(
+        len(a) for a in enc.encode(got[0]).answers)  # the answers of the long row have the same length
+    assert need > 64
+    with pytest.raises(DataError) as e:
+        encode_all(enc, got, "dev")
+    assert str(e.value).startswith(f"{path}:2 (dev split): the question alone needs ")
+    assert "more than data.max_length=64; raise data.max_length to at least" in str(e.value)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: the question alone .* at least {need} or shorten that question$"):
+        enc.encode(got[1])
+    # the smallest length the message asks for is enough for every row
+    at_least = int(str(e.value).split("at least ")[1].split()[0])
+    assert at_least == need
+    assert len(encode_all(Encoder(tokenizer, "question-only", at_least), got, "dev")) == 3
+    with pytest.raises(DataError):
+        encode_all(Encoder(tokenizer, "question-only", at_least - 1), got, "dev")
+
+
+def test_passage_without_room_names_file_line(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "eval.jsonl", [_row(question="is it"), _row(question=LONG.question, passage=LONG.passage)])
+    got = read_rows(path)
+    short = Encoder(tokenizer, "passage", 64).encode(got[0])
+    fits = len(short.prompt) + max(len(a) for a in short.answers)  # row 1 fits exactly; row 2's question is longer
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2 \(eval split\): question and answer need more "
+                                        rf"than data\.max_length={fits} tokens; raise data\.max_length to at least \d+$") as e:
+        encode_all(Encoder(tokenizer, "passage", fits), got, "eval")
+    at_least = int(str(e.value).rsplit(" ", 1)[1])
+    assert at_least > fits
+    encoded = encode_all(Encoder(tokenizer, "passage", at_least), got, "eval")  # the length asked for is enough
+    assert encoded[1].truncated and len(encoded[1].prompt) + max(len(a) for a in encoded[1].answers) <= at_least
+
+
+def test_encode_all_encodes_every_row_in_order(tokenizer, tmp_path):
+    got = read_rows(write_jsonl(tmp_path / "t.jsonl", boolq_rows(5)))
+    enc = Encoder(tokenizer, "passage", 64)
+    assert encode_all(enc, got, "train") == [enc.encode(x) for x in got]
+    assert [e.label for e in encode_all(enc, got, "train")] == [int(x.label) for x in got]
+    assert encode_all(enc, [], "train") == []
 
 
 # ----------------------------------------------------------------------------- batches

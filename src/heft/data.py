@@ -3,8 +3,10 @@
 BoolQ (Clark et al., 2019; CC BY-SA 3.0): yes/no questions about a Wikipedia passage.
 
 Rows come as Google format (`question`, `passage`, `answer`: bool) or SuperGLUE format
-(`question`, `passage`, `label`: bool or 0/1, `idx`). Every row is checked where it enters; a bad row
-stops the run with its file, line and field. The dev split is carved from train with a fixed
+(`question`, `passage`, `label`: bool or 0/1, `idx`); booleans may also be the strings true/false/yes/no
+in any case, as spreadsheets write them. Text files are UTF-8 (a leading BOM is accepted). Every row is
+checked where it enters and remembers where it came from (`Example.source`); a bad row stops the run
+with its file, line and field. The dev split is carved from train with a fixed
 permutation (independent of the run seed, so every seed and strategy sees the same dev rows).
 
 Batches are left-padded: the prompt and answer of every row end at the last position, so the
@@ -15,11 +17,12 @@ models either.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -39,6 +42,9 @@ class Example:
     passage: str
     label: bool
     idx: int
+    # where the row came from, for messages: "train.jsonl:5", "x.parquet:row 3", "command line";
+    # not part of equality, so the same row read from two files compares equal
+    source: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,9 @@ class Splits:
 
 
 # ----------------------------------------------------------------------------- reading rows
+
+
+_TRUE, _FALSE = ("true", "yes"), ("false", "no")
 
 
 def _label(row: dict[str, Any], where: str) -> bool:
@@ -62,13 +71,14 @@ def _label(row: dict[str, Any], where: str) -> bool:
         return value
     if name == "label" and isinstance(value, int) and value in (0, 1):
         return bool(value)  # SuperGLUE ClassLabel: 0 = False, 1 = True
-    if isinstance(value, str) and value in ("True", "False", "true", "false"):
-        return value.lower() == "true"
-    raise DataError(f"{where}: field `{name}` must be a boolean (true/false), got {value!r}")
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    accepted = "true/false/yes/no, any case" + (", or 0/1" if name == "label" else "")
+    raise DataError(f"{where}: field `{name}` must be a boolean ({accepted}), got {value!r}")
 
 
 def parse_row(row: Any, where: str, need_passage: bool = True, index: int = 0) -> Example:
-    """One checked Example from a raw row; `where` is `file:line` for error messages."""
+    """One checked Example from a raw row; `where` (`file:line`) goes into error messages and `Example.source`."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     for name in ("question", "passage") if need_passage else ("question",):
@@ -79,7 +89,21 @@ def parse_row(row: Any, where: str, need_passage: bool = True, index: int = 0) -
             raise DataError(f"{where}: field `{name}` must be non-empty text, got {value!r}")
     passage = row.get("passage") or ""
     idx = row.get("idx", index)
-    return Example(row["question"].strip(), passage.strip(), _label(row, where), int(idx) if isinstance(idx, int) else index)
+    return Example(row["question"].strip(), passage.strip(), _label(row, where),
+                   int(idx) if isinstance(idx, int) else index, source=where)
+
+
+def _utf8(raw: bytes, p: Path, line: int | None = None) -> str:
+    """`raw` (a whole file, or its `line`) decoded as UTF-8; bad bytes raise DataError naming the file and line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if line is None:  # a whole file: the line of the bad byte and its offset in the file
+            line, pos = raw.count(b"\n", 0, e.start) + 1, f"at byte offset {e.start} of the file"
+        else:
+            pos = f"at byte {e.start + 1} of the line"
+        raise DataError(f"{p}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} {pos}); save the file as UTF-8 "
+                        "(spreadsheets: 'CSV UTF-8' or 'Unicode (UTF-8)' when saving)") from None
 
 
 def read_rows(path: str | Path, need_passage: bool = True) -> list[Example]:
@@ -93,10 +117,16 @@ def read_rows(path: str | Path, need_passage: bool = True) -> list[Example]:
             import pyarrow.parquet as pq
         except ImportError:
             raise DataError(f"{p}: reading parquet needs pyarrow (`pip install pyarrow`)") from None
-        rows = [(f"{p}:row {i}", r) for i, r in enumerate(pq.read_table(p).to_pylist())]
+        import pyarrow as pa
+
+        try:
+            table = pq.read_table(p)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{p}: not a readable parquet file ({e})") from None
+        rows = [(f"{p}:row {i}", r) for i, r in enumerate(table.to_pylist())]
     elif p.suffix == ".json":
         try:
-            data = json.loads(p.read_text())
+            data = json.loads(_utf8(p.read_bytes(), p).removeprefix("\ufeff"))
         except json.JSONDecodeError as e:
             raise DataError(f"{p}: not valid JSON ({e}); for one object per line name the file .jsonl") from None
         if isinstance(data, dict) and "data" in data:
@@ -105,14 +135,15 @@ def read_rows(path: str | Path, need_passage: bool = True) -> list[Example]:
             raise DataError(f"{p}: expected a JSON list of rows (or {{\"data\": [...]}})")
         rows = [(f"{p}:item {i}", r) for i, r in enumerate(data)]
     else:
-        with p.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((f"{p}:{n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p}:{n}: malformed JSON line ({e.msg} at column {e.colno})") from None
+        # bytes.splitlines breaks at \n, \r\n and \r, as text mode does, so line numbers match an editor's
+        for n, raw in enumerate(p.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines(), start=1):
+            line = _utf8(raw, p, n)
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{p}:{n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{n}: malformed JSON line ({e.msg} at column {e.colno})") from None
     out = [parse_row(r, where, need_passage, i) for i, (where, r) in enumerate(rows)]
     if not out:
         raise DataError(f"{p}: the file holds no rows")
@@ -203,7 +234,9 @@ class Encoder:
             return full[len(prompt_ids):]
         return self.tok(answer, add_special_tokens=False)["input_ids"]
 
-    def encode(self, ex: Example) -> Encoded:
+    def encode(self, ex: Example, split: str = "") -> Encoded:
+        """Prompt and answer ids of one row; a passage that does not fit is cut, anything else raises DataError."""
+        where = (ex.source or f"row idx {ex.idx}") + (f" ({split} split)" if split else "")
         prompt = prompt_text(ex, self.fmt)
         ids = self._ids(prompt)
         answers = tuple(self._answer_ids(prompt, ids, a) for a in candidates(self.fmt))
@@ -211,15 +244,17 @@ class Encoder:
         truncated = False
         if len(ids) + longest > self.max_length:
             if self.fmt != "passage":
-                raise DataError(f"row idx {ex.idx}: the question alone needs {len(ids) + longest} tokens, more than "
-                                f"data.max_length={self.max_length}; raise data.max_length")
+                raise DataError(f"{where}: the question alone needs {len(ids) + longest} tokens, more than "
+                                f"data.max_length={self.max_length}; raise data.max_length to at least "
+                                f"{len(ids) + longest} or shorten that question")
             p_ids = self.tok(ex.passage, add_special_tokens=False)["input_ids"]
             fixed = len(ids) - len(p_ids)
             budget = self.max_length - longest - fixed
             while True:
                 if budget <= 0:
-                    raise DataError(f"row idx {ex.idx}: question and answer need more than data.max_length="
-                                    f"{self.max_length} tokens; raise data.max_length")
+                    need = max(fixed + longest + 1, self.max_length + 1)  # + 1: at least one passage token
+                    raise DataError(f"{where}: question and answer need more than data.max_length="
+                                    f"{self.max_length} tokens; raise data.max_length to at least {need}")
                 prompt = prompt_text(ex, self.fmt, self.tok.decode(p_ids[:budget]))
                 ids = self._ids(prompt)
                 if len(ids) + longest <= self.max_length:
@@ -228,6 +263,12 @@ class Encoder:
             answers = tuple(self._answer_ids(prompt, ids, a) for a in candidates(self.fmt))
             truncated = True
         return Encoded(ids, answers, int(ex.label), truncated)
+
+
+def encode_all(encoder: Encoder, rows: Sequence[Example], split_name: str) -> list[Encoded]:
+    """Every row of one split encoded, before anything is written; the first row that cannot fit raises
+    DataError naming its file and line (`Example.source`) and the split."""
+    return [encoder.encode(ex, split_name) for ex in rows]
 
 
 # ----------------------------------------------------------------------------- batches
