@@ -57,31 +57,26 @@ MAX_LENGTH = 8192  # heft's length budget here: no BoolQ passage is cut (lm-eval
 
 def run_heft(spec: dict) -> dict:
     import torch
-    from accelerate import Accelerator
-
     from heft.config import DataConfig, ModelConfig
     from heft.data import Encoder, load_splits
     from heft.evaluate import accuracy, score
     from heft.model import load_model
+    from heft.runtime import Runtime, use_bf16
 
-    # As heft.pipeline.make_accelerator, with the device chosen by the flag.
-    acc = Accelerator(mixed_precision="no", cpu=spec["device"] == "cpu")
-    if spec["dtype"] == "default":
-        from heft.train import use_bf16
-
-        acc.heft_bf16 = use_bf16("auto", acc.device)  # heft's default: bf16 autocast where the hardware has bf16
-    else:
-        acc.heft_bf16 = spec["dtype"] == "bf16"  # read by heft.train.autocast
-    model, tok = load_model(ModelConfig(name_or_path=spec["model_path"], dtype="float32"), acc.device)
+    # heft's Runtime, with the device chosen by the flag (no launcher here: one process).
+    device = torch.device(spec["device"])
+    bf16 = use_bf16("auto", device) if spec["dtype"] == "default" else spec["dtype"] == "bf16"
+    rt = Runtime(device, bf16)
+    model, tok = load_model(ModelConfig(name_or_path=spec["model_path"], dtype="float32"), rt.device)
     start = time.perf_counter()
     rows = load_splits(DataConfig(eval_size=spec["rows"], max_length=MAX_LENGTH), with_train=False).eval
     enc = Encoder(tok, "passage", MAX_LENGTH)
     encoded = [enc.encode(r) for r in rows]
-    preds = score(model, encoded, batch_size=spec["batch_size"], pad_id=tok.pad_token_id, accelerator=acc)
+    preds = score(model, encoded, batch_size=spec["batch_size"], pad_id=tok.pad_token_id, rt=rt)
     metrics = accuracy(preds)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "accuracy": metrics["accuracy"], "preds": [bool(p["pred"]) for p in preds],
-            "truncated": sum(e.truncated for e in encoded), "torch": torch.__version__, "bf16_autocast": acc.heft_bf16}
+            "truncated": sum(e.truncated for e in encoded), "torch": torch.__version__, "bf16_autocast": rt.bf16}
 
 
 def run_lm_eval(spec: dict) -> dict:

@@ -47,7 +47,7 @@ def trainer_run(rows: int, tmp: Path) -> dict:
     from heft.config import DataConfig
     from heft.data import Encoder, load_splits
     from heft.model import resolve_model_path
-    from heft.train import use_bf16
+    from heft.runtime import use_bf16
 
     path = resolve_model_path("smollm2-135m")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

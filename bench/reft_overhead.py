@@ -32,11 +32,11 @@ def main() -> None:
     from heft.data import Encoder, load_splits
     from heft.evaluate import score
     from heft.model import decoder_layers, hidden_size, load_model
-    from heft.pipeline import make_accelerator
+    from heft.runtime import make_runtime
     from heft.reft import ReftModel
 
     cfg = RunConfig(model=ModelConfig(name_or_path=args.model), precision="auto")
-    acc = make_accelerator(cfg)
+    acc = make_runtime(cfg.precision)
     model, tok = load_model(cfg.model, acc.device)
     rows = load_splits(DataConfig(eval_size=args.rows), with_train=False).eval
     encoded = [Encoder(tok, "passage", 256).encode(r) for r in rows]
@@ -48,7 +48,7 @@ def main() -> None:
     def run(with_reft: bool) -> float:
         start = time.perf_counter()
         score(reft if with_reft else model, encoded, batch_size=args.batch_size, pad_id=tok.pad_token_id,
-              accelerator=acc, desc="with ReFT" if with_reft else "plain")
+              rt=acc, desc="with ReFT" if with_reft else "plain")
         if acc.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -63,7 +63,7 @@ def main() -> None:
     result = {
         "benchmark": "reft_inference_overhead", "model": args.model, "rows": len(encoded), "prompt_tokens": tokens,
         "rounds": args.rounds, "batch_size": args.batch_size, "reft_layers": args.layers, "device": str(acc.device),
-        "bf16_autocast": acc.heft_bf16, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "bf16_autocast": acc.bf16, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(), "seconds": times, "median_seconds": med,
         "ratio_reft_over_plain": med["reft"] / med["plain"], "goal_ratio_at_most": 1.05,
     }

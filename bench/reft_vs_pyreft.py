@@ -128,7 +128,8 @@ def run_heft(spec: dict) -> dict:
     from heft.config import PositionsConfig, ReftConfig
     from heft.model import decoder_layers, fp32_output_head, hidden_size
     from heft.reft import ReftModel
-    from heft.train import answer_loss, model_forward
+    from heft.runtime import model_forward
+    from heft.train import answer_loss
 
     model = build_model(spec)
     if spec["dtype"] == "bf16":

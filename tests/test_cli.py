@@ -102,7 +102,7 @@ def test_train_metrics_and_predictions(runs, tiny_model_dir, boolq_files, strate
     m = json.loads((folder / "metrics.json").read_text())
     labels = validation_labels(boolq_files)
     assert m["strategy"] == strategy
-    assert 0.0 <= m["accuracy"] <= 1.0 and m["n"] == len(labels) == 20
+    assert m["n"] == len(labels) == 20  # accuracy itself is recomputed from predictions.jsonl below
     lo, hi = m["ci95"]
     assert 0.0 <= lo <= m["accuracy"] <= hi <= 1.0
     assert m["trainable_params"] == EXPECTED_PARAMS[strategy]
@@ -202,9 +202,15 @@ def test_second_train_into_the_same_folder_needs_overwrite(runs, tiny_model_dir,
     (out / "stale.txt").write_text("from an older run")
     assert main(["train", "--config", str(base), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main(["train", "--config", str(base), "--out", str(out), "--overwrite"]) == 0
-    assert file_list(out) == ["config.yaml", "meta.json", "metrics.json", "predictions.jsonl"]  # replaced, not mixed
-    assert json.loads((out / "metrics.json").read_text())["trainable_params"] == 0
+    assert main(["train", "--config", str(base), "--out", str(out), "--overwrite"]) == 2  # not a heft folder: kept
+    assert "heft replaces only its own folders" in capsys.readouterr().err
+    assert file_list(out) == ["stale.txt"]
+    (out / "stale.txt").unlink()
+    assert main(["train", "--config", str(base), "--out", str(out)]) == 0  # an empty folder is fine
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--overwrite"]) == 0  # a heft run is replaced
+    assert file_list(out) == expected_files("lora")  # replaced by a swap, not mixed with the old run
+    assert json.loads((out / "metrics.json").read_text())["trainable_params"] == EXPECTED_PARAMS["lora"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], "no aside folder or lock left"
 
 
 @pytest.mark.parametrize("override, needles", [
@@ -286,11 +292,15 @@ def test_run_summary_shape(suite, boolq_files):
     assert list(summary["strategies"]) == ["base", "lora", "reft", "heft"]  # suite order, not training order
     for name, r in summary["strategies"].items():
         assert set(r) == {"accuracy", "ci95", "n", "trainable_params", "train_seconds", "epochs"}
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 19 and len(r["ci95"]) == 2
+        assert r["n"] == 19 and len(r["ci95"]) == 2
         assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
         assert r["trainable_params"] == EXPECTED_PARAMS[name]
         m = json.loads((out / name / "metrics.json").read_text())
         assert r["accuracy"] == m["accuracy"] and m["strategy"] == name
+        preds = [json.loads(line) for line in (out / name / "predictions.jsonl").read_text().splitlines()]
+        assert len(preds) == r["n"] and [p["label"] for p in preds] == labels
+        correct = sum(p["pred"] == p["label"] for p in preds)
+        assert m["correct"] == correct and r["accuracy"] == correct / r["n"]
     assert [summary["strategies"][n]["epochs"] for n in ("base", "lora", "reft", "heft")] == [0, 2, 1, 2]
     assert summary["strategies"]["base"]["train_seconds"] == 0
     assert (out / "summary.md").is_file()
@@ -322,9 +332,11 @@ def test_run_shares_heft_lora_stage_exactly(suite):
     copied = (out / "heft" / "stages" / "00-lora" / "train_log.jsonl").read_text().splitlines()
     source = (out / "lora" / "stages" / "00-lora" / "train_log.jsonl").read_text().splitlines()
     assert copied and copied == source[:len(copied)] and len(copied) == stage["optimizer_steps"] < len(source)
-    snapshot = [f"stages/00-lora/epoch-1/{n}" for n in LORA_FILES + ["progress.json"]]
-    assert file_list(out / "lora") == sorted(expected_files("lora") + snapshot)
-
+    assert file_list(out / "lora") == expected_files("lora")  # the snapshot lives in the study's stage cache
+    cached = sorted(p.relative_to(out / "stage-cache").as_posix() for p in (out / "stage-cache").rglob("*") if p.is_file())
+    assert len({c.split("/")[0] for c in cached}) == 1, cached  # one entry: LoRA-only's epoch 1, wanted by HEFT
+    assert sorted(c.split("/", 1)[1] for c in cached) == sorted(
+        ["entry.json", "epochs.jsonl", "stage-0/train_log.jsonl"] + [f"stage-0/{n}" for n in LORA_FILES])
     shared = load_file(str(out / "heft" / "stages" / "00-lora" / "adapter" / "adapter_model.safetensors"))
     own = load_file(str(alone / "stages" / "00-lora" / "adapter" / "adapter_model.safetensors"))
     final = load_file(str(out / "lora" / "stages" / "00-lora" / "adapter" / "adapter_model.safetensors"))
@@ -351,7 +363,7 @@ def test_run_folders_hold_strict_json(suite):
 
 
 def test_run_again_reuses_finished_runs(suite, monkeypatch, capsys):
-    import heft.suite
+    import heft.study
 
     path, out, _ = suite
     before = (out / "summary.json").read_text()
@@ -361,7 +373,7 @@ def test_run_again_reuses_finished_runs(suite, monkeypatch, capsys):
     def no_training(*args, **kwargs):
         raise AssertionError("heft run retrained a finished strategy")
 
-    monkeypatch.setattr(heft.suite, "train_run", no_training)
+    monkeypatch.setattr(heft.study, "train_run", no_training)
     assert main(["run", "--config", str(path), "--out", str(out)]) == 0
     assert (out / "summary.json").read_text() == before
     assert adapter.stat().st_mtime_ns == mtime
@@ -393,26 +405,28 @@ def test_run_shares_only_when_exact_with_grad_accum(tiny_model_dir, boolq_files,
         assert all(torch.equal(shared[k], own[k]) for k in own), f"shared {reused} but the adapters differ"
 
 
-def test_find_prefix_takes_the_snapshot_of_stage_0(tmp_path, monkeypatch):
-    """The snapshot must come from the source's first stage folder, whatever order the filesystem lists folders in."""
-    from heft import io
+def test_stage_cache_keys_follow_what_a_prefix_computes():
+    """A prefix key changes with anything its training depends on, and not with what it does not."""
     from heft.config import from_dict
-    from heft.suite import find_prefix
+    from heft.stagecache import StageCache, prefix_key, produces, starts
 
     data = {"source": "local", "train_path": "t.jsonl", "eval_path": "v.jsonl"}
     lora = {"method": "lora", "scheduler": "constant"}
-    long = from_dict({"data": data, "strategy": "long", "stages": [{**lora, "epochs": 2}, {"method": "reft"}]})
-    mine = from_dict({"data": data, "strategy": "heft", "stages": [{**lora, "epochs": 1}, {"method": "reft"}]})
-    folder = tmp_path / "long"
-    snap = folder / "stages" / "00-lora" / "epoch-1"
-    (snap / "adapter").mkdir(parents=True)
-    io.write_json(snap / "progress.json", {"epoch": 1, "optimizer_steps": 2, "train_seconds": 1.5, "tokens": 10, "loss": 0.5})
-    (folder / "stages" / "01-reft").mkdir(parents=True)
-    real_iterdir = Path.iterdir
-    monkeypatch.setattr(Path, "iterdir", lambda self: iter(sorted(real_iterdir(self), reverse=True)))
-    reuse = find_prefix(mine, {"long": (long, folder)})
-    assert 0 in reuse, "an exact LoRA prefix was not shared"
-    assert reuse[0].adapter_dir == snap / "adapter"
+    long = from_dict({"data": data, "stages": [{**lora, "epochs": 2}]})
+    heft = from_dict({"data": data, "stages": [{**lora, "epochs": 1, "name": "first"}, {"method": "reft"}]})
+    assert prefix_key(heft, 1, 1) in produces(long)  # epoch 1 of a constant-LR stage = a 1-epoch stage
+    assert prefix_key(heft, 1, 1) == dict(starts(heft))[1]
+    other = [from_dict({"data": data, "stages": [{**lora, "epochs": 2, **change}]})
+             for change in ({"lr": 2e-3}, {"scheduler": "cosine"}, {"batch_size": 4}, {"grad_accum": 2})]
+    assert all(prefix_key(heft, 1, 1) not in produces(o) for o in other)
+    reseeded = from_dict({"data": data, "seed": 1, "stages": [{**lora, "epochs": 2}]})
+    assert prefix_key(heft, 1, 1) not in produces(reseeded)
+    evaluated = from_dict({"data": {**data, "eval_size": 5}, "eval": {"batch_size": 2}, "stages": [{**lora, "epochs": 2}]})
+    assert prefix_key(heft, 1, 1) in produces(evaluated)  # evaluation settings do not change training
+    cosine = from_dict({"data": data, "stages": [{"method": "lora", "scheduler": "cosine", "epochs": 2}]})
+    assert prefix_key(heft, 1, 1) not in produces(cosine)  # mid-stage states are prefixes only at a constant LR
+    cache = StageCache(Path("unused"), {"heft": heft, "long": long})
+    assert cache.wanted == {prefix_key(heft, 1, 1)} and cache.order({"heft": heft, "long": long}) == ["long", "heft"]
 
 
 # ----------------------------------------------------------------------------- entry point

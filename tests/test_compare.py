@@ -17,7 +17,7 @@ from heft import flops, stats
 from heft.cli import main
 from heft.config import from_dict
 from heft.pipeline import train_run
-from heft.tracking import read_epochs
+from heft.runfolder import RunFolder
 
 SEEDS = [0, 1]
 
@@ -109,12 +109,12 @@ def test_every_epoch_is_evaluated_and_heft_reuses_lora_epoch_one(study):
     for seed in SEEDS:
         for name in ("lora", "reft", "heft"):
             folder = _folder(out, name, seed)
-            recs = read_epochs(folder)
+            recs = [r.to_json() for r in RunFolder(folder).read_epochs()]
             final = json.loads((folder / "metrics.json").read_text())
             assert recs[-1]["accuracy"] == final["accuracy"] and recs[-1]["tokens"] == final["train_tokens"]
             assert recs[-1]["flops"] == pytest.approx(final["train_flops"])
             assert recs[0]["tokens"] < recs[1]["tokens"] and recs[0]["flops"] < recs[1]["flops"]
-        lora_1, heft_1 = read_epochs(_folder(out, "lora", seed))[0], read_epochs(_folder(out, "heft", seed))[0]
+        lora_1, heft_1 = (RunFolder(_folder(out, n, seed)).read_epochs()[0].to_json() for n in ("lora", "heft"))
         assert heft_1["reused_from"] == "lora (epoch 1 snapshot)"
         assert {k: heft_1[k] for k in ("accuracy", "tokens", "flops", "optimizer_steps")} == \
                {k: lora_1[k] for k in ("accuracy", "tokens", "flops", "optimizer_steps")}
@@ -181,18 +181,26 @@ def test_per_epoch_evaluation_does_not_change_training(tiny_model_dir, boolq_fil
                         reft={"dropout": 0.1}, eval={"every_epoch": True})
     a = train_run(from_dict(plain), tmp_path / "a")
     b = train_run(from_dict(every), tmp_path / "b")
-    assert a["accuracy"] == b["accuracy"]
+    assert a.accuracy == b.accuracy and a.correct == b.correct
     for f in ("reft.safetensors", "adapter/adapter_model.safetensors"):
         x, y = load_file(str(tmp_path / "a" / "stages" / "00-joint" / f)), load_file(str(tmp_path / "b" / "stages" / "00-joint" / f))
         assert all(torch.equal(x[k], y[k]) for k in x), f
-    assert [r["epoch"] for r in read_epochs(tmp_path / "b")] == [1, 2] and not (tmp_path / "a" / "epochs.jsonl").exists()
+    assert [r.epoch for r in RunFolder(tmp_path / "b").read_epochs()] == [1, 2] and not (tmp_path / "a" / "epochs.jsonl").exists()
 
 
 @pytest.mark.parametrize("seeds, message", [(["1", "1"], "duplicates"), ([], "at least one seed")])
 def test_bad_seeds_are_refused(tmp_path, capsys, seeds, message):
-    assert main(["compare", "--seeds", *seeds, "--out", str(tmp_path / "o")]) == 2 if seeds else True
     if seeds:
+        assert main(["compare", "--seeds", *seeds, "--out", str(tmp_path / "o")]) == 2
         assert message in capsys.readouterr().err
+    else:  # the command line cannot pass no seeds (argparse refuses `--seeds` alone); the Python API can
+        from heft.errors import ConfigError
+        from heft.study import run_study
+        from heft.suite import default_suite_path
+
+        with pytest.raises(ConfigError, match=message):
+            run_study(default_suite_path(), tmp_path / "o", [], seeds=seeds)
+    assert not (tmp_path / "o").exists(), "nothing written for a refused command"
 
 
 def test_stats_known_values():

@@ -278,9 +278,19 @@ def test_non_mapping_or_broken_yaml(tmp_path, text, needle):
     assert needle in str(e.value) and "--config" in str(e.value) and str(path) in str(e.value)
 
 
-def test_empty_yaml_gives_defaults(tmp_path):
+def test_empty_or_stageless_yaml_is_refused(tmp_path):
+    """An empty file (or one without `stages:`) would silently evaluate the base model: refused, naming the fix."""
     path = tmp_path / "empty.yaml"
     path.write_text("")
+    with pytest.raises(ConfigError, match="is empty; a run config needs at least `stages:`"):
+        load(path)
+    path.write_text("lora: {r: 4}\n")
+    with pytest.raises(ConfigError, match="has no `stages:`.*`stages: \\[\\]` to evaluate the base model"):
+        load(path)
+    assert load(path, [("stages", "[]")]).lora.r == 4  # stages given on the command line
+    path.write_text("stages: []\n")
+    assert load(path) == RunConfig()  # explicit: the base model only
+    path.write_text("\ufeffstages: []\n", encoding="utf-8")  # a BOM, as spreadsheets and some editors write
     assert load(path) == RunConfig()
 
 
@@ -309,6 +319,26 @@ def test_stage_dir_name():
 
 
 def test_defaults_are_valid_and_documented_types():
-    cfg = from_dict({})
-    assert cfg == RunConfig()
-    assert cfg.data == DataConfig() and cfg.reft == ReftConfig()
+    """Each field's default, written back as the override `--help` documents (`--path DEFAULT`), passes
+    validation and changes nothing: not even its type (repr tells `16` from `16.0` and `[]` from `()`), so a
+    default outside its own annotation (an int for a float field, a list for a tuple) or its range fails here.
+    (That every field has a docstring is test_help.py's job.)"""
+    from heft.confighelp import field_docs
+
+    assert from_dict({}) == RunConfig()
+    base, stage = RunConfig(), StageConfig(method="lora")
+    checked = []
+    for d in field_docs():
+        if d.type == "section" or d.default == "required":
+            continue
+        if d.path.startswith("stages[]."):
+            raw: dict = {"stages": [{"method": "lora"}]}
+            apply_override(raw, "stages.0." + d.path.removeprefix("stages[]."), d.default)
+            got, want = from_dict(raw).stages, (stage,)
+        else:
+            raw = {}
+            apply_override(raw, d.path, d.default)
+            got, want = from_dict(raw), base
+        assert got == want and repr(got) == repr(want), f"{d.path}: default {d.default} ({d.type})"
+        checked.append(d.path)
+    assert {"lora.alpha", "reft.layers", "reft.positions.first", "stages", "stages[].lr", "stages[].max_length"} <= set(checked)

@@ -17,7 +17,8 @@ from heft.errors import CheckpointError, ConfigError
 from heft.lora import attach
 from heft.model import decoder_layers, hidden_size
 from heft.reft import REFT_WEIGHTS, DiReFT, LoReFT, ReftModel, no_decay_names, prompt_positions
-from heft.train import model_forward, param_groups
+from heft.runtime import model_forward
+from heft.train import param_groups
 
 from conftest import tiny_config
 

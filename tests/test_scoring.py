@@ -17,10 +17,10 @@ from heft.data import Encoded, Encoder, read_rows, train_batch
 from heft.evaluate import accuracy, score, single_token_split, wilson_interval
 from heft.model import decoder_layers, hidden_size
 from heft.reft import ReftModel
-from heft.train import answer_loss, model_forward
+from heft.runtime import Runtime, model_forward
+from heft.train import answer_loss
 
-CPU = SimpleNamespace(device=torch.device("cpu"), is_main_process=True, autocast=contextlib.nullcontext,
-                      process_index=0, num_processes=1)
+CPU = Runtime(torch.device("cpu"))
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def naive_lp(model: nn.Module, prompt: list[int], answer: list[int]) -> float:
 
 
 def check_against_naive(model: nn.Module, rows: list[Encoded], batch_size: int, pad_id: int) -> None:
-    got = score(model, rows, batch_size=batch_size, pad_id=pad_id, accelerator=CPU)
+    got = score(model, rows, batch_size=batch_size, pad_id=pad_id, rt=CPU)
     assert len(got) == len(rows)
     for i, (row, out) in enumerate(zip(rows, got)):
         lp_no, lp_yes = (naive_lp(model, row.prompt, a) for a in row.answers)
@@ -118,7 +118,7 @@ def test_score_shared_answer_prefix_equals_naive(tiny, examples, reft):
     rows = [Encoder(tok, "question-only", 128).encode(e) for e in examples]
     assert all(single_token_split(r) is not None and len(r.answers[0]) > 1 for r in rows)
     m = with_reft(model) if reft else model
-    got = score(m, rows, batch_size=3, pad_id=tok.pad_token_id, accelerator=CPU)
+    got = score(m, rows, batch_size=3, pad_id=tok.pad_token_id, rt=CPU)
     for i, (row, out) in enumerate(zip(rows, got)):
         lp_no, lp_yes = (naive_lp(m, row.prompt, a) for a in row.answers)
         assert out["lp_yes"] - out["lp_no"] == pytest.approx(lp_yes - lp_no, abs=1e-4), f"row {i}"

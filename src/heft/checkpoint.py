@@ -44,6 +44,8 @@ class Progress:
     last_loss: float | None = None
     processes: int | None = None
     """How many processes trained: a stage's global batch is batch_size x processes (None: not recorded)."""
+    clipped: int = 0
+    """Optimizer steps so far whose gradient norm was above max_grad_norm (clipped)."""
 
 
 def _distributed() -> bool:
@@ -149,7 +151,8 @@ def restore(ckpt: Path, trainable: list[tuple[str, nn.Parameter]], optimizer: An
     sharding.load_optimizer_state(optimizer, opt_state)
     scheduler.load_state_dict(state.pop("scheduler"))
     _restore_rng(ckpt, rng)
-    return Progress(**state)
+    known = {f for f in Progress.__dataclass_fields__}
+    return Progress(**{k: v for k, v in state.items() if k in known})
 
 
 def _restore_rng(ckpt: Path, rng: dict[str, torch.Tensor]) -> None:

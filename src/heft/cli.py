@@ -41,55 +41,48 @@ def _split_overrides(rest: list[str]) -> list[tuple[str, str]]:
 
 
 def _reports() -> bool:
-    """Under torchrun / accelerate launch only the main process prints results."""
-    return int(os.environ.get("RANK", "0")) == 0
+    """Under torchrun / accelerate launch only the main process prints results (the one check: heft.runtime)."""
+    from .runtime import is_main_process
+
+    return is_main_process()
 
 
-def _print_table(summary: dict) -> None:
-    rows = summary["strategies"]
-    print(f"\nBoolQ accuracy on {next(iter(rows.values()))['n']} evaluation rows "
-          f"(majority baseline {summary['majority_baseline']:.1%})")
-    print(f"{'strategy':<10}{'accuracy':>10}{'95% CI':>18}{'params':>12}{'epochs':>8}{'train s':>10}")
-    for name, r in rows.items():
-        lo, hi = r["ci95"]
-        print(f"{name:<10}{r['accuracy']:>10.1%}{f'[{lo:.1%}, {hi:.1%}]':>18}{r['trainable_params']:>12,}"
-              f"{r['epochs']:>8.2g}{r['train_seconds']:>10.0f}")
+def _suite(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> Path:
+    """The suite file, checked (every strategy's config) before torch is imported."""
+    from .suite import default_suite_path, read_suite, select
+
+    path = Path(args.config) if args.config else default_suite_path()
+    select(read_suite(path, overrides), args.only)
+    return path
 
 
 def cmd_run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
-    from .suite import default_suite_path, run_suite
+    path = _suite(args, overrides)
+    from .report import console_table
+    from .study import run_study
 
-    summary = run_suite(Path(args.config) if args.config else default_suite_path(), Path(args.out), overrides,
-                        overwrite=args.overwrite, only=args.only)
+    report = run_study(path, Path(args.out), overrides, seeds=None, only=args.only, overwrite=args.overwrite)
     if _reports():
-        _print_table(summary)
-        print(f"\nwrote {args.out}/summary.json and one run folder per strategy")
+        print("\n" + console_table(report))
+        print(f"\nwrote {args.out}/report.md, summary.json and one run folder per strategy")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
-    from .study import run_compare
-    from .suite import default_suite_path
+    path = _suite(args, overrides)
+    from .report import console_table
+    from .study import run_study
 
-    report = run_compare(Path(args.config) if args.config else default_suite_path(), args.seeds, Path(args.out), overrides,
-                         only=args.only, overwrite=args.overwrite, tensorboard=args.tensorboard, targets=args.target)
-    if not _reports():
-        return 0
-    print(f"\nBoolQ accuracy over seeds {report['seeds']} on {report['n']} rows "
-          f"(majority baseline {report['majority_baseline']:.1%})")
-    print(f"{'strategy':<10}{'mean':>9}{'std':>8}{'95% CI of mean':>20}{'params':>12}{'train s':>10}")
-    for name, s in report["strategies"].items():
-        std = f"{100 * s['std']:.1f}" if s["std"] is not None else "-"
-        # clipped to [0, 1] as in report.md; report.json keeps the t interval as computed
-        ci = f"[{max(0.0, s['ci95'][0]):.1%}, {min(1.0, s['ci95'][1]):.1%}]" if s["ci95"] else "-"
-        print(f"{name:<10}{s['mean']:>9.1%}{std:>8}{ci:>20}{s['trainable_params']:>12,}{s['train_seconds']:>10.0f}")
-    print(f"\nwrote {args.out}/report.md and report.json")
+    report = run_study(path, Path(args.out), overrides, seeds=args.seeds, only=args.only, overwrite=args.overwrite,
+                       tensorboard=args.tensorboard, targets=args.target)
+    if _reports():
+        print("\n" + console_table(report))
+        print(f"\nwrote {args.out}/report.md and report.json")
     return 0
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     from .config import load
-    from .pipeline import train_run
 
     out = Path(args.out)
     if args.resume and args.overwrite:
@@ -98,22 +91,26 @@ def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
         raise ConfigError(f"--resume: {out} holds no run to continue; drop --resume (or use --resume auto)")
     if args.resume and args.config is None and (out / "config.yaml").is_file():
         args.config = str(out / "config.yaml")  # `heft train --out DIR --resume` continues DIR as it was configured
-    cfg = load(args.config, overrides)
+    if args.config is None:
+        raise ConfigError("--config: give a run config YAML with the training stages (see `heft train --help` for "
+                          "every field); `stages: []` evaluates the base model")
+    cfg = load(args.config, overrides)  # before torch is imported: a bad config is reported at once
+    from .pipeline import train_run
+
     m = train_run(cfg, out, overwrite=args.overwrite, resume=bool(args.resume))
-    if not _reports():
-        return 0
-    lo, hi = m["ci95"]
-    print(f"{m['strategy']}: accuracy {m['accuracy']:.2%} [{lo:.2%}, {hi:.2%}] on {m['n']} rows "
-          f"(majority baseline {m['majority_baseline']:.2%}); wrote {args.out}")
+    if _reports():
+        lo, hi = m.ci95
+        print(f"{m.strategy}: accuracy {m.accuracy:.2%} [{lo:.2%}, {hi:.2%}] on {m.n} rows "
+              f"(majority baseline {m.majority_baseline:.2%}); wrote {args.out}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
-    from .pipeline import eval_run
-
     if overrides:
         raise ConfigError("heft eval takes no overrides: it re-evaluates the run exactly as it was configured")
-    r = eval_run(Path(args.run))
+    from .pipeline import eval_run
+
+    r = eval_run(Path(args.run), allow_other_base=args.allow_other_base)
     code = 0 if r.get("matches_saved_predictions", True) else 1
     if not _reports():
         return code
@@ -128,10 +125,12 @@ def cmd_eval(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    if overrides:
+        raise ConfigError("heft predict takes no overrides: it answers with the run exactly as it was configured")
     from .data import Example, parse_row
     from .pipeline import load_run
 
-    s, cfg = load_run(Path(args.run))
+    s, cfg = load_run(Path(args.run), allow_other_base=args.allow_other_base)
     if cfg.data.prompt_format == "passage" and not (args.passage or "").strip():
         raise ConfigError("--passage: this run was trained with passages (data.prompt_format: passage); give --passage TEXT")
     ex: Example = parse_row({"question": args.question, "passage": args.passage or "", "answer": False},
@@ -147,43 +146,60 @@ def cmd_predict(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> i
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    from .confighelp import suite_epilog, train_epilog
+
+    helping = any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))  # the epilogs list ~60 fields: built only when shown
+    suite_help, train_help = (suite_epilog(), train_epilog()) if helping else (None, None)
+    raw = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="heft", description="Hierarchical PEFT: LoRA, then ReFT, for Hugging Face causal LMs.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="the default study: base, LoRA, ReFT and HEFT on BoolQ, one table")
+    r = sub.add_parser("run", help="the default study: base, LoRA, ReFT and HEFT on BoolQ, one table",
+                       description="Train and evaluate every strategy of a suite once (the one-seed case of compare).",
+                       epilog=suite_help, formatter_class=raw)
     r.add_argument("--config", help="a suite YAML (default: the embedded SmolLM2-135M + BoolQ suite)")
-    r.add_argument("--out", default="runs/heft-default", help="output folder (default: runs/heft-default)")
+    r.add_argument("--out", default="runs/heft-default", help="output folder (default: runs/heft-default); "
+                   "finished run folders in it are reused, unfinished ones resumed")
     r.add_argument("--only", nargs="+", help="run only these strategies (e.g. base heft)")
-    r.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    c = sub.add_parser("compare", help="every strategy of a suite under several seeds, with intervals, paired tests, plots")
+    r.add_argument("--overwrite", action="store_true", help="replace a heft output folder (swapped in when the new one is done)")
+    c = sub.add_parser("compare", help="every strategy of a suite under several seeds, with intervals, paired tests, plots",
+                       description="Train and evaluate every strategy of a suite under several seeds, evaluated after "
+                       "every epoch, and write a report.", epilog=suite_help, formatter_class=raw)
     c.add_argument("--config", help="a suite YAML (default: the embedded SmolLM2-135M + BoolQ suite)")
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     c.add_argument("--out", default="runs/heft-compare", help="output folder (default: runs/heft-compare); "
-                   "finished run folders in it are reused")
+                   "finished run folders in it are reused, unfinished ones resumed")
     c.add_argument("--only", nargs="+", help="compare only these strategies")
     c.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events in every run folder")
     c.add_argument("--target", type=float, nargs="+", help="also report the epochs each strategy needs to reach "
                    "these accuracies (e.g. 0.65)")
-    c.add_argument("--overwrite", action="store_true", help="delete --out first and train everything again")
-    t = sub.add_parser("train", help="train one run (a list of stages) and evaluate it")
+    c.add_argument("--overwrite", action="store_true", help="train everything again into a new folder and swap it in "
+                   "for the old one when done")
+    t = sub.add_parser("train", help="train one run (a list of stages) and evaluate it",
+                       description="Train one run: the stages of a run config, then the evaluation.",
+                       epilog=train_help, formatter_class=raw)
     t.add_argument("--config", help="run YAML; fields can be overridden with --section.field value")
     t.add_argument("--out", required=True, help="output run folder (must be new or empty)")
-    t.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    t.add_argument("--overwrite", action="store_true", help="replace a heft run folder: the new run is written aside and "
+                   "swapped in when it is done, so a failure leaves the old one whole")
     t.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"],
                    help="continue the run in --out from its latest checkpoint (`auto`: if there is one, else start)")
     e = sub.add_parser("eval", help="reload a run folder and re-evaluate it")
-    e.add_argument("run", help="a run folder written by heft train/run")
+    e.add_argument("run", help="a finished run folder written by heft train/run/compare")
     e.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    e.add_argument("--allow-other-base", action="store_true", help="apply the adapters even if the base model differs "
+                   "from the one the run was trained on (its recorded fingerprint)")
     pr = sub.add_parser("predict", help="answer one yes/no question with a trained run")
-    pr.add_argument("run", help="a run folder")
+    pr.add_argument("run", help="a finished run folder")
     pr.add_argument("--question", required=True)
     pr.add_argument("--passage", default=None)
+    pr.add_argument("--allow-other-base", action="store_true", help="as for heft eval")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -204,6 +220,8 @@ def _leave_process_group(code: int, wait: bool) -> None:
     now and then ("terminate called without an active exception", exit -6): 10 of 25 runs of a bare
     gloo script here; destroying the group cured the bare script, and exiting right after it leaves no
     teardown for the rest. Everything heft writes is closed by now. Single-process calls return normally."""
+    if "torch" not in sys.modules:
+        return  # refused before torch was imported: no process group can exist
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):

@@ -73,10 +73,13 @@ class LoraConfig:
     alpha: float = 16.0
     """LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with `use_rslora`)."""
     dropout: float = 0.05
+    """Dropout on the LoRA branch input (training only), in [0, 1)."""
     target_modules: tuple[str, ...] | str = "all-linear"
     """Module names to adapt, or `all-linear`."""
     use_rslora: bool = False
+    """Rank-stabilised LoRA: scale the update by alpha / sqrt(r) instead of alpha / r."""
     use_dora: bool = False
+    """DoRA: learn a per-output-channel magnitude on top of the LoRA direction update (PEFT `use_dora`)."""
     merge: bool = True
     """After a LoRA stage, merge it into the weights for the next stage (else keep it as a frozen adapter)."""
 
@@ -95,9 +98,11 @@ class ReftConfig:
     """`loreft`: h + R^T(W h + b - R h), R orthonormal rows; `noreft`: same, R unconstrained;
     `direft`: h + W2^T(W1 h + b)."""
     rank: int = 4
+    """Rank of each intervention: the number of rows of R (and W) editing the hidden state."""
     layers: tuple[int, ...] | Literal["all"] = "all"
     """Decoder layers whose output (the residual stream) is edited: `all` or a list of indices."""
     positions: PositionsConfig = field(default_factory=PositionsConfig)
+    """Which prompt tokens are edited: the first `first` and the last `last` (never the answer)."""
     tied: bool = False
     """One intervention per layer shared by the first and last positions (else one for each group)."""
     init: Literal["identity", "random"] = "identity"
@@ -114,18 +119,34 @@ class StageConfig:
     epochs: float = 1.0
     """Passes over the training rows; fractions allowed (e.g. 0.5)."""
     lr: float = 1e-3
+    """Peak AdamW learning rate (reached after `warmup_steps`)."""
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
     """Learning-rate schedule after warmup. `constant` lets a shorter run be an exact prefix of a longer one."""
     warmup_steps: int = 0
+    """Optimizer steps of linear warmup from near 0 up to `lr` (0: start at `lr`)."""
     weight_decay: float = 0.0
     """AdamW weight decay (never applied to biases or the orthonormal R)."""
     batch_size: int = 8
+    """Training rows per process per forward pass; with N processes a micro-batch holds batch_size x N rows, the same
+    data order on any N."""
     grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step: a step sees batch_size x processes x grad_accum rows."""
     max_grad_norm: float = 1.0
+    """Clip the global gradient norm of the trained parameters to this value before each optimizer step."""
     max_length: int | None = None
     """Override `data.max_length` for this stage."""
     name: str | None = None
     """Folder name of the stage (default: `NN-method`)."""
+
+    @property
+    def trains_lora(self) -> bool:
+        """This stage trains a (new) LoRA adapter."""
+        return self.method in ("lora", "joint")
+
+    @property
+    def trains_reft(self) -> bool:
+        """This stage trains the ReFT interventions."""
+        return self.method in ("reft", "joint")
 
 
 @dataclass(frozen=True)
@@ -133,7 +154,9 @@ class EvalConfig:
     method: Literal["score", "generate"] = "score"
     """`score`: compare the answers' log-likelihoods (one batched pass); `generate`: greedy decoding, exact match."""
     batch_size: int = 16
+    """Evaluation rows per forward pass on each process (rows are split across processes)."""
     max_new_tokens: int = 4
+    """Longest greedy answer with `method: generate`, in tokens."""
     every_epoch: bool = False
     """Also evaluate after every whole epoch of every stage (`OUT/epochs.jsonl`; `heft compare` turns it on)."""
 
@@ -145,11 +168,18 @@ class RunConfig:
     strategy: str | None = None
     """A label for reports (`lora`, `reft`, `heft`, `joint`, `base`); derived from the stages if unset."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The frozen base model and how it is loaded."""
     data: DataConfig = field(default_factory=DataConfig)
+    """BoolQ rows: where they come from, the prompt, and the train/dev/eval splits."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA hyperparameters, shared by every `lora` and `joint` stage."""
     reft: ReftConfig = field(default_factory=ReftConfig)
+    """ReFT interventions, shared by every `reft` and `joint` stage."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """How the final (and per-epoch) accuracy is measured."""
     seed: int = 0
+    """Seed of everything random in a run: random model weights, adapter inits (ReFT: `seed + 1`), data order and
+    dropout (stage i: `seed + i`). The dev split does not depend on it."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """`auto`: bf16 autocast where the device supports it (CPU with AVX512-BF16/AMX or any recent GPU), else fp32."""
     length_bucketing: bool = True
@@ -161,6 +191,9 @@ class RunConfig:
     and written every `log_every` steps. Non-finite losses are caught at that point too."""
     tensorboard: bool = False
     """Also write TensorBoard event files to `OUT/tensorboard/` (loss, learning rate, accuracy); needs `heft[tensorboard]`."""
+    keep_checkpoints: bool = False
+    """Keep each stage's last checkpoint (`stages/NN-*/checkpoints/`) in the finished run folder; by default a
+    stage's checkpoints are removed once it finishes."""
 
     def label(self) -> str:
         """The strategy name shown in reports."""
@@ -401,11 +434,19 @@ def load(path: str | Path | None, overrides: list[tuple[str, str]] = ()) -> RunC
         if not p.is_file():
             raise ConfigError(f"--config: no such file {str(p)!r}")
         try:
-            raw = read_yaml(p.read_text()) or {}
+            raw = read_yaml(p.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--config: {p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"--config: {p} is not valid YAML: {e}") from None
+        if raw is None:
+            raise ConfigError(f"--config: {p} is empty; a run config needs at least `stages:` (e.g. "
+                              "`stages: [{method: lora, epochs: 1}]`, or `stages: []` to evaluate the base model)")
         if not isinstance(raw, dict):
             raise ConfigError(f"--config: {p} must hold a mapping of sections, got {type(raw).__name__}")
+        if "stages" not in raw and not any(k == "stages" or k.startswith("stages.") for k, _ in overrides):
+            raise ConfigError(f"--config: {p} has no `stages:`; list the training stages (e.g. "
+                              "`stages: [{method: lora, epochs: 1}]`), or write `stages: []` to evaluate the base model only")
     for dotted, text in overrides:
         apply_override(raw, dotted, text)
     return from_dict(raw)

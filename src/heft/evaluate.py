@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import sharding
 from .data import Encoded, prompt_batch, train_batch
-from .train import autocast, model_forward
+from .runtime import Runtime, model_forward
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -48,7 +48,7 @@ def single_token_split(row: Encoded) -> tuple[list[int], int, int] | None:
 
 
 @torch.no_grad()
-def score(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int, accelerator: Any,
+def score(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int, rt: Runtime,
           desc: str = "eval") -> list[dict[str, Any]]:
     """Per-row {label, pred, p_yes, lp_no, lp_yes}, in the order of `rows`.
 
@@ -56,20 +56,20 @@ def score(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int
     both, so predictions and p_yes are unaffected); otherwise they are full answer log-likelihoods.
     """
     model.eval()
-    device = accelerator.device
+    device = rt.device
     order = sorted(range(len(rows)), key=lambda i: -(len(rows[i].prompt)))  # similar lengths together
-    order, real = _share(order, model, accelerator)  # this process's share, gathered below
+    order, real = _share(order, model, rt)  # this process's share, gathered below
     out: list[dict[str, Any] | None] = [None] * len(rows)
     splits = [single_token_split(r) for r in rows]
     fast = all(s is not None for s in splits)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", mininterval=2.0,
-                      disable=not accelerator.is_main_process):
+                      disable=not rt.main):
         idx = order[start:start + batch_size]
         if fast:
             batch = {k: v.to(device) for k, v in prompt_batch([splits[i][0] for i in idx], pad_id).items()}
             # ReFT edits the prompt only, not a shared answer prefix appended to it (as in training).
             batch["prompt_len"] = torch.tensor([len(rows[i].prompt) for i in idx], device=device)
-            with autocast(accelerator):
+            with rt.autocast():
                 logits = model_forward(model, batch, 1)[:, -1].float()  # (B, V)
             logp = torch.log_softmax(logits, dim=-1)
             no_tok = torch.tensor([splits[i][1] for i in idx], device=device)
@@ -81,7 +81,7 @@ def score(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int
                 items = [Encoded(rows[i].prompt, rows[i].answers, cand, False) for i in idx]
                 batch = {k: v.to(device) for k, v in train_batch(items, pad_id).items()}
                 keep = int(batch.pop("logits_to_keep"))
-                with autocast(accelerator):
+                with rt.autocast():
                     logits = model_forward(model, batch, keep)[:, :-1].float()
                 logp = torch.log_softmax(logits, dim=-1)
                 tgt = batch["targets"]
@@ -96,53 +96,50 @@ def score(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int
             pred = bool(lp[j, 1] > lp[j, 0])
             out[i] = {"label": bool(rows[i].label), "pred": pred, "p_yes": float(p_yes[j]),
                       "lp_no": float(lp[j, 0]), "lp_yes": float(lp[j, 1])}
-    return _gather(out, accelerator)
+    return _gather(out, rt)
 
 
-def _share(order: list[int], model: nn.Module, accelerator: Any) -> tuple[list[int], int]:
+def _share(order: list[int], model: nn.Module, rt: Runtime) -> tuple[list[int], int]:
     """This process's rows (every num_processes-th of `order`) and how many of them are its own.
 
     Under FSDP every forward pass is a collective, so every process must run the same number: the
     shorter shares are padded with a row another process scores, whose result is dropped."""
-    world = accelerator.num_processes
-    mine = order[accelerator.process_index::world]
+    world = rt.num_processes
+    mine = order[rt.process_index::world]
     real = len(mine)
     if world > 1 and sharding.is_sharded(model) and order:
         mine = mine + [order[0]] * (-(-len(order) // world) - real)
     return mine, real
 
 
-def _gather(out: list[dict[str, Any] | None], accelerator: Any) -> list[dict[str, Any]]:
+def _gather(out: list[dict[str, Any] | None], rt: Runtime) -> list[dict[str, Any]]:
     """Merge every process's share of the rows; each row is scored by exactly one process."""
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        for i, pred in gather_object([(i, p) for i, p in enumerate(out) if p is not None]):
-            out[i] = pred
+    for i, pred in rt.gather_objects([(i, p) for i, p in enumerate(out) if p is not None]):
+        out[i] = pred
     assert all(p is not None for p in out), "a row was scored by no process"
     return out  # type: ignore[return-value]
 
 
 @torch.no_grad()
 def generate(model: nn.Module, rows: list[Encoded], tokenizer: Any, *, batch_size: int, max_new_tokens: int,
-             answer_words: tuple[str, str], accelerator: Any, desc: str = "generate") -> list[dict[str, Any]]:
+             answer_words: tuple[str, str], rt: Runtime, desc: str = "generate") -> list[dict[str, Any]]:
     """Greedy decoding; the prediction is the first answer word (`no`/`yes` or `false`/`true`) in the text."""
     model.eval()
-    device = accelerator.device
+    device = rt.device
     pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in answer_words) + r")\b", re.IGNORECASE)
     out: list[dict[str, Any] | None] = [None] * len(rows)
     inner = getattr(model, "module", model)
-    mine, real = _share(list(range(len(rows))), inner, accelerator)
-    sync = sharding.is_sharded(inner) and accelerator.num_processes > 1  # every process decodes until all are done
+    mine, real = _share(list(range(len(rows))), inner, rt)
+    sync = sharding.is_sharded(inner) and rt.num_processes > 1  # every process decodes until all are done
     for start in tqdm(range(0, len(mine), batch_size), desc=desc, unit="batch", mininterval=2.0,
-                      disable=not accelerator.is_main_process):
+                      disable=not rt.main):
         ids = mine[start:start + batch_size]
         chunk = [rows[i] for i in ids]
         batch = {k: v.to(device) for k, v in prompt_batch([r.prompt for r in chunk], pad_id=tokenizer.pad_token_id).items()}
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         if sync:
             kwargs["synced_gpus"] = True
-        with autocast(accelerator), sharding.root_gathered(inner):
+        with rt.autocast(), sharding.root_gathered(inner):
             if hasattr(inner, "interventions"):
                 seqs = inner.generate(batch["input_ids"], batch["attention_mask"], batch["prompt_start"], batch["prompt_len"], **kwargs)
             else:
@@ -155,7 +152,7 @@ def generate(model: nn.Module, rows: list[Encoded], tokenizer: Any, *, batch_siz
             m = pattern.search(text)
             pred = None if m is None else m.group(1).lower() == answer_words[1]
             out[i] = {"label": bool(r.label), "pred": pred, "text": text}
-    return _gather(out, accelerator)
+    return _gather(out, rt)
 
 
 def accuracy(preds: list[dict[str, Any]]) -> dict[str, Any]:

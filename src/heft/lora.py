@@ -57,11 +57,17 @@ def attach(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         raise ConfigError(f"lora.target_modules: {e}. Use `all-linear` or names of linear layers in this model") from None
 
 
+def trainable(peft_model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The adapter's parameters: what PEFT left trainable when it attached the adapter to the frozen model."""
+    return [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+
+
 def adapter_tensors(peft_model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's entries of the model's state dict, whole (a collective when FSDP has sharded the
-    model), for `save(..., tensors=)`: PEFT's `save_pretrained` selects and renames them itself."""
+    """The trainable adapter's entries of the model's state dict, whole (a collective when FSDP has sharded
+    the model), for `save(..., tensors=)`: PEFT's `save_pretrained` selects and renames them itself."""
     sharding.reshard(peft_model)
-    return sharding.full_cpu({k: v for k, v in peft_model.state_dict().items() if "lora_" in k})
+    names = {n for n, _ in trainable(peft_model)}
+    return sharding.full_cpu({k: v for k, v in peft_model.state_dict().items() if k in names})
 
 
 def save(peft_model: nn.Module, folder: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:

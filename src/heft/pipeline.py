@@ -1,130 +1,63 @@
-"""A run is a list of stages. Each stage trains LoRA, ReFT, or both (`joint`) on top of what the
-earlier stages left (their LoRA merged or frozen, their ReFT frozen), and writes its own folder.
+"""One run: a list of stages, each training LoRA, ReFT, or both (`joint`) on top of what the earlier
+stages left (their LoRA merged or frozen, their ReFT frozen), then the final evaluation.
 
-Run folder layout (everything needed to reload, nothing else):
+`train_run` reads top to bottom like a recipe:
 
-    OUT/config.yaml            resolved configuration
-    OUT/meta.json              heft/torch/transformers versions, base model id, device, precision
-    OUT/stages/00-lora/adapter/{adapter_config.json, adapter_model.safetensors}   PEFT format
-    OUT/stages/01-reft/{reft_config.json, reft.safetensors}
-    OUT/stages/NN-*/{stage.json, train_log.jsonl}
-    OUT/metrics.json           accuracy, 95% interval, n, majority baseline, trainable params, time, FLOPs
-    OUT/epochs.jsonl           with eval.every_epoch: accuracy after every epoch (cumulative tokens, time, FLOPs)
-    OUT/tensorboard/           with tensorboard: true: loss, learning rate, accuracy
-    OUT/predictions.jsonl      one line per evaluation row: idx, label, pred, p_yes
+    check     the --out folder (locked), every data row, the model, the ReFT setup: before any write
+    set up    the folder: config.yaml, meta.json (with the base model's fingerprint)
+    stages    each one: already finished (resume) | taken from finished stages (`start`) | trained
+    evaluate  predictions.jsonl, metrics.json (which marks the run finished)
+
+The run folder's layout belongs to heft.runfolder; the records written to it to heft.records.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
 import platform
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import __version__, flops, io, lora, sharding
-from .config import RunConfig, StageConfig, dump_yaml, load, stage_dir_name
-from .data import Encoder, Example, load_splits, majority_label
+from . import __version__, flops, lora, sharding
+from .config import RunConfig, StageConfig, stage_dir_name
+from .data import Encoded, Encoder, Example, encode_all, load_splits, majority_label
 from .errors import CheckpointError, ConfigError
 from .evaluate import accuracy, generate, score
-from .model import decoder_layers, hidden_size, load_model
+from .model import decoder_layers, fingerprint, fingerprint_differences, hidden_size, load_model, unwrap
+from .records import EpochRecord, Metrics, StageProgress, StageRecord
 from .reft import ReftModel, check_fits, no_decay_names
-from .tracking import Tracker
-from .train import StageResult, peak_memory, train_stage, use_bf16
+from .runfolder import Output, RunFolder
+from .runtime import Runtime, is_main_process, make_runtime
+from .stagecache import Start, StageCache, copy_stage_files
+from .tracking import RunTracker
+from .train import StepLog, peak_memory, train_stage
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class Reuse:
-    """Take a stage's LoRA adapter from another run instead of training it (an identical stage prefix)."""
-
-    adapter_dir: Path
-    result: StageResult
-    source: str
-    evals: list[dict[str, Any]] = field(default_factory=list)
-    """The source run's per-epoch evaluations of this prefix (copied into this run's epochs.jsonl)."""
-
-
-def make_accelerator(cfg: RunConfig):
-    from accelerate import Accelerator
-
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise ConfigError("DeepSpeed is not supported: its ZeRO optimizer replaces the adapter parameters with flat "
-                          "partitions and runs its own gradient accumulation, which heft's exact checkpoints and "
-                          "global-batch arithmetic do not follow; launch with configs/accelerate/fsdp.yaml to shard "
-                          "the model (for adapters, the frozen weights are what needs sharding) or configs/accelerate/ddp.yaml")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    acc = Accelerator(mixed_precision="no", cpu=device.type == "cpu")
-    from accelerate.utils import DistributedType
-
-    if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
-        raise ConfigError("FSDP version 1 is not supported: heft shards with FSDP2 (per-parameter DTensors); set "
-                          "fsdp_config.fsdp_version: 2 in the accelerate config (see configs/accelerate/fsdp.yaml)")
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.distributed_type != DistributedType.FSDP:
-        logger.warning("the accelerate config asks for FSDP, but accelerate runs %s on %s (it shards with FSDP on GPUs "
-                       "only): training is data parallel, with the whole model on every process",
-                       acc.distributed_type.value, device.type)
-    acc.heft_bf16 = use_bf16(cfg.precision, device)  # applied by heft.train.autocast
-    return acc
-
-
-def model_shape(model: nn.Module) -> dict[str, int]:
-    """What adapters depend on: vocabulary, hidden size, depth."""
-    from .model import unwrap
-
-    try:
-        depth = len(decoder_layers(model, None))
-    except ConfigError:  # an architecture heft cannot map without model.layers_path: depth unchecked
-        depth = 0
-    return {"vocab_size": int(unwrap(model).get_input_embeddings().weight.shape[0]), "hidden_size": hidden_size(model),
-            "num_layers": depth}
-
-
-def _meta(cfg: RunConfig, accelerator: Any, model_path: str, model: nn.Module) -> dict[str, Any]:
-    import peft
-    import transformers
-
-    return {
-        "model_shape": model_shape(model), "num_processes": accelerator.num_processes,
-        "distributed": accelerator.distributed_type.value,  # NO, MULTI_GPU (DDP, also on CPU), FSDP, ...
-        "heft_version": __version__, "base_model": cfg.model.name_or_path, "base_model_resolved": model_path,
-        "non_embedding_params": flops.non_embedding_params(model),
-        "strategy": cfg.label(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "device": str(accelerator.device), "mixed_precision": "bf16" if accelerator.heft_bf16 else "no",
-        "python": platform.python_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def count(params: list[tuple[str, nn.Parameter]]) -> int:
-    return sum(p.numel() for _, p in params)
-
-
-def check_trainable(model: nn.Module, expected: list[tuple[str, nn.Parameter]], stage: str) -> None:
-    """Internal invariant: exactly the adapter parameters of this stage require gradients."""
-    live = {id(p) for p in model.parameters() if p.requires_grad}
-    want = {id(p) for _, p in expected}
-    assert live == want, f"{stage}: trainable set differs from the adapter set ({len(live)} vs {len(want)} tensors)"
+# ----------------------------------------------------------------------------- the model and its adapters
 
 
 class Session:
-    """The base model with the adapters of finished stages applied, plus what evaluation needs."""
+    """The base model with the adapters of finished stages applied, on this process's Runtime."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.accelerator = make_accelerator(cfg)
+        self.rt: Runtime = make_runtime(cfg.precision)
         torch.manual_seed(cfg.seed)
-        self.model, self.tokenizer = load_model(cfg.model, self.accelerator.device)
+        self.model, self.tokenizer = load_model(cfg.model, self.rt.device)
         self.model_path = getattr(self.model, "name_or_path", cfg.model.name_or_path)
-        self.main = self.accelerator.is_main_process
         self.reft: ReftModel | None = None
+        self.num_layers = _depth(self.model, cfg.model.layers_path)
+        # the decoder layers ReFT edits, checked against the model once (a setup that cannot fit stops here)
+        self.reft_layers = (check_fits(cfg.reft, len(decoder_layers(self.model, cfg.model.layers_path)), hidden_size(self.model))
+                            if any(st.trains_reft for st in cfg.stages) else None)
+        self._encoders: dict[int, Encoder] = {}
 
     def replace_model(self, model: nn.Module) -> None:
         """Swap the (maybe PEFT-wrapped or merged) model, keeping a ReFT wrapper pointed at it."""
@@ -142,272 +75,352 @@ class Session:
             raise ConfigError("stages: only one stage may train ReFT interventions")
         torch.manual_seed(self.cfg.seed + 1)  # interventions' init does not depend on earlier stages
         layers = decoder_layers(self.model, self.cfg.model.layers_path)
-        self.reft = ReftModel(self.model, self.cfg.reft, layers, hidden_size(self.model)).to(self.accelerator.device)
+        self.reft = ReftModel(self.model, self.cfg.reft, layers, hidden_size(self.model)).to(self.rt.device)
         return self.reft
 
-    def encoder(self, stage: StageConfig | None = None) -> Encoder:
-        length = stage.max_length if stage is not None and stage.max_length else self.cfg.data.max_length
-        return Encoder(self.tokenizer, self.cfg.data.prompt_format, length)
+    def apply_stage(self, stage: StageConfig, files: Path) -> None:
+        """Put a finished stage's saved adapters (a run's stage folder, or a cached one) on the model, frozen,
+        as training left them (LoRA merged if lora.merge)."""
+        if stage.trains_lora:
+            self.replace_model(lora.load(self.model, files / "adapter", merge=self.cfg.lora.merge))
+        if stage.trains_reft:
+            self.add_reft().load_weights(files)
+        self.top.requires_grad_(False)
+
+    def encoder(self, max_length: int | None = None) -> Encoder:
+        length = max_length or self.cfg.data.max_length
+        if length not in self._encoders:
+            self._encoders[length] = Encoder(self.tokenizer, self.cfg.data.prompt_format, length)
+        return self._encoders[length]
 
     def evaluate(self, rows: list[Example]) -> list[dict[str, Any]]:
+        """One prediction per row, in order: {label, pred, p_yes, lp_no, lp_yes | text, idx, truncated}."""
         enc = self.encoder()
         encoded = [enc.encode(r) for r in rows]
         e = self.cfg.eval
         if e.method == "generate":
             words = ("no", "yes") if self.cfg.data.prompt_format == "passage" else ("false", "true")
             preds = generate(self.top, encoded, self.tokenizer, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                             answer_words=words, accelerator=self.accelerator)
+                             answer_words=words, rt=self.rt)
         else:
-            preds = score(self.top, encoded, batch_size=e.batch_size, pad_id=self.tokenizer.pad_token_id,
-                          accelerator=self.accelerator)
+            preds = score(self.top, encoded, batch_size=e.batch_size, pad_id=self.tokenizer.pad_token_id, rt=self.rt)
         for p, r, x in zip(preds, rows, encoded):
             p["idx"] = r.idx
             p["truncated"] = x.truncated
         return preds
 
 
-def _stage_params(s: Session, method: str) -> list[tuple[str, nn.Parameter]]:
+def _depth(model: nn.Module, layers_path: str | None) -> int:
+    try:
+        return len(decoder_layers(model, layers_path))
+    except ConfigError:  # an architecture heft cannot map without model.layers_path: depth unchecked
+        return 0
+
+
+def model_shape(model: nn.Module) -> dict[str, int]:
+    """What adapters depend on: vocabulary, hidden size, depth."""
+    return {"vocab_size": int(unwrap(model).get_input_embeddings().weight.shape[0]), "hidden_size": hidden_size(model),
+            "num_layers": _depth(model, None)}
+
+
+def _meta(cfg: RunConfig, s: Session) -> dict[str, Any]:
+    import peft
+    import transformers
+
+    return {
+        "model_shape": model_shape(s.model), "num_processes": s.rt.num_processes, "distributed": s.rt.distributed,
+        "heft_version": __version__, "base_model": cfg.model.name_or_path, "base_model_resolved": s.model_path,
+        "base_model_fingerprint": fingerprint(s.model, s.tokenizer),
+        "non_embedding_params": flops.non_embedding_params(s.model),
+        "strategy": cfg.label(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "peft": peft.__version__, "device": str(s.rt.device), "mixed_precision": "bf16" if s.rt.bf16 else "no",
+        "python": platform.python_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _check_rows(s: Session, cfg: RunConfig, train: list[Example], evaluation: list[Example]) -> dict[int, list[Encoded]]:
+    """Every row fits its token budget (a row that cannot stops the run here, naming its file and line);
+    the encoded training rows for each max_length the stages use."""
+    encode_all(s.encoder(), evaluation, cfg.data.eval_split)
+    lengths = {st.max_length or cfg.data.max_length for st in cfg.stages}
+    return {n: encode_all(s.encoder(n), train, "train") for n in sorted(lengths)}
+
+
+def _stage_params(s: Session, stage: StageConfig) -> tuple[list[tuple[str, nn.Parameter]], set[str]]:
+    """Attach the stage's new adapters; (their trainable parameters, names exempt from weight decay)."""
     named: list[tuple[str, nn.Parameter]] = []
-    if method in ("lora", "joint"):
-        named += [(f"lora.{n}", p) for n, p in s.model.named_parameters() if "lora_" in n]
-    if method in ("reft", "joint"):
-        assert s.reft is not None
-        named += [(f"reft.{n}", p) for n, p in s.reft.interventions.named_parameters()]
-    return named
-
-
-def _copy_train_log(source: Path, dest: Path, steps: int) -> list[dict[str, Any]]:
-    """The reused prefix's per-step log lines (steps 1..`steps`), so this run folder is complete on its own."""
-    import json
-
-    lines = source.read_text().splitlines() if source.is_file() else []
-    records = [r for r in (json.loads(x) for x in lines if x.strip()) if r["step"] <= steps]
-    io.write_jsonl(dest, records)
-    return records
-
-
-def _train_stage(s: Session, cfg: RunConfig, i: int, stage: StageConfig, folder: Path, train_rows: list[Example],
-                 reuse: Reuse | None, snapshot_epochs: bool, resuming: bool, tracker: Tracker) -> dict[str, Any]:
-    """Train (or take from `reuse`) one stage, save its adapters, leave them frozen on the session."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if stage.method in ("lora", "joint"):
-        s.replace_model(lora.attach(s.model, cfg.lora))
-    if stage.method in ("reft", "joint"):
+    if stage.trains_lora:
+        s.replace_model(lora.attach(s.model, s.cfg.lora))
+        named += [(f"lora.{n}", p) for n, p in lora.trainable(s.model)]
+    if stage.trains_reft:
         s.add_reft()
-    named = _stage_params(s, stage.method)
-    check_trainable(s.top, named, stage_dir_name(i, stage))
-    info: dict[str, Any] = {"index": i, "method": stage.method, "trainable_params": count(named)}
-    if reuse is not None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(s.model, load_file(str(reuse.adapter_dir / lora.ADAPTER_WEIGHTS)))
-        result, info["reused_from"] = reuse.result, reuse.source
-        if s.main:
-            tracker.log_steps(_copy_train_log(reuse.adapter_dir.parent.parent / "train_log.jsonl", folder / "train_log.jsonl",
-                                              result.optimizer_steps))
-        logger.info("stage %d (%s): reused from %s", i, stage.method, reuse.source)
-    else:
-        enc = s.encoder(stage)
-        rows = [enc.encode(x) for x in train_rows]
-
-        def epoch_end(epoch: int, r: StageResult) -> None:
-            if cfg.eval.every_epoch and epoch < stage.epochs:
-                tracker.evaluate(i, stage, epoch, r)
-            if snapshot_epochs and stage.method == "lora" and epoch < stage.epochs:
-                tensors = lora.adapter_tensors(s.model)  # every process: a collective under FSDP
-                if not s.main:
-                    return
-                lora.save(s.model, folder / f"epoch-{epoch}" / "adapter", tensors)
-                io.write_json(folder / f"epoch-{epoch}" / "progress.json",
-                              {"epoch": epoch, "optimizer_steps": r.optimizer_steps, "train_seconds": r.train_seconds,
-                               "tokens": r.tokens, "loss": r.final_loss})
-
-        no_decay = {f"reft.{n}" for n in no_decay_names(s.reft.interventions)} if s.reft is not None else set()
-        no_decay |= {n for n, _ in named if n.endswith("bias")}
-        result = train_stage(s.top, named, no_decay, rows, stage, accelerator=s.accelerator,
-                             pad_id=s.tokenizer.pad_token_id, seed=cfg.seed + i, bucketing=cfg.length_bucketing,
-                             log_path=folder / "train_log.jsonl", log_every=cfg.log_every, on_epoch_end=epoch_end,
-                             desc=f"{cfg.label()} stage {i} ({stage.method})", checkpoint_dir=folder / "checkpoints",
-                             checkpoint_every=cfg.checkpoint_every, resume=resuming, on_log=tracker.log_steps)
-        info["peak_memory"] = peak_memory(s.accelerator.device)
-    # Every process gathers the whole tensors (a collective under FSDP; R itself becomes the stored tensor,
-    # see LoReFT.consolidate), then only the main process writes.
-    lora_tensors = lora.adapter_tensors(s.model) if stage.method in ("lora", "joint") else None
-    reft_tensors = s.reft.tensors() if stage.method in ("reft", "joint") else None
-    if s.main:
-        if lora_tensors is not None:
-            lora.save(s.model, folder / "adapter", lora_tensors)
-        if reft_tensors is not None:
-            s.reft.save(folder, reft_tensors)
-    if stage.method in ("lora", "joint"):
-        # A sharded model cannot be merged in place; the next stage starts from the saved adapter (train_run)
-        s.replace_model(lora.finish(s.model, cfg.lora.merge and not sharding.is_sharded(s.model)))
-    info.update(optimizer_steps=result.optimizer_steps, epochs=result.epochs, train_seconds=round(result.train_seconds, 2),
-                tokens=result.tokens, final_loss=result.final_loss, flops=tracker.stage_flops(stage, result.tokens))
-    if s.main:
-        io.write_json(folder / "stage.json", info)  # the stage counts as finished from here on
-        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-    s.accelerator.wait_for_everyone()
-    return info
+        named += [(f"reft.{n}", p) for n, p in s.reft.interventions.named_parameters()]
+    no_decay = {f"reft.{n}" for n in no_decay_names(s.reft.interventions)} if stage.trains_reft else set()
+    no_decay |= {n for n, _ in named if n.endswith("bias")}
+    live = {id(p) for p in s.top.parameters() if p.requires_grad}  # invariant: exactly the adapters train
+    assert live == {id(p) for _, p in named}, f"trainable set differs from the adapter set ({len(live)} vs {len(named)} tensors)"
+    return named, no_decay
 
 
-def _apply_finished_stage(s: Session, cfg: RunConfig, stage: StageConfig, sdir: Path) -> None:
-    """Put a finished stage's saved adapters on the session's model, as training left them."""
-    if stage.method in ("lora", "joint"):
-        s.replace_model(lora.load(s.model, sdir / "adapter", merge=cfg.lora.merge))
-    if stage.method in ("reft", "joint"):
-        s.add_reft().load_weights(sdir)
+def _stage_tensors(s: Session, stage: StageConfig) -> tuple[dict | None, dict | None]:
+    """The stage's adapter tensors, whole: on every process (a collective under FSDP), before the main one saves."""
+    return (lora.adapter_tensors(s.model) if stage.trains_lora else None, s.reft.tensors() if stage.trains_reft else None)
 
 
-def _prepare_out(cfg: RunConfig, out: Path, overwrite: bool, resume: bool) -> bool:
-    """Check the output folder before any work; True when continuing a run already in it."""
-    has_run = (out / "config.yaml").is_file()
-    if resume and has_run:
-        if load(out / "config.yaml") != cfg:
-            raise ConfigError(f"--resume: {out} holds a run with a different config; resume it with its own "
-                              f"config ({out / 'config.yaml'}), or use --overwrite or a new --out")
-        return True
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        what = "a finished run" if (out / "metrics.json").is_file() else ("an unfinished run" if has_run else "files")
-        raise ConfigError(f"--out: {out} is not empty (it holds {what}); pass --resume to continue the run in it, "
-                          "--overwrite to replace it, or choose a new folder")
-    return False
+def _save_stage_files(s: Session, folder: Path, tensors: tuple[dict | None, dict | None]) -> None:
+    lora_tensors, reft_tensors = tensors
+    if lora_tensors is not None:
+        lora.save(s.model, folder / "adapter", lora_tensors)
+    if reft_tensors is not None:
+        s.reft.save(folder, reft_tensors)
 
 
-def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: bool = False,
-              reuse: dict[int, Reuse] | None = None, snapshot_epochs: bool = False) -> dict[str, Any]:
-    """Train every stage of `cfg`, evaluate, and write the run folder `out`. Returns metrics.json's content.
+# ----------------------------------------------------------------------------- the stages
+
+
+class _Stages:
+    """Runs a config's stages on a Session, writing each one's files into the run folder."""
+
+    def __init__(self, s: Session, cfg: RunConfig, run: RunFolder, tracker: RunTracker, evaluation: list[Example],
+                 train_rows: dict[int, list[Encoded]], cache: StageCache | None, source: str | None):
+        self.s, self.cfg, self.run, self.tracker, self.evaluation = s, cfg, run, tracker, evaluation
+        self.train_rows, self.cache, self.source = train_rows, cache, source
+        self.records: list[StageRecord] = []
+
+    def evaluate_now(self, i: int, stage: StageConfig | None, stage_epoch: float, progress: StageProgress | None) -> dict:
+        """Evaluate the model as it is now (mid-stage: adapters not merged yet) and record the point."""
+        was_training = self.s.top.training
+        acc = accuracy(self.s.evaluate(self.evaluation))
+        self.s.top.train(was_training)
+        self.tracker.record(i, stage, stage_epoch, progress, acc)
+        logger.info("%s after stage %d epoch %g: accuracy %.2f%%", self.cfg.label(), i, stage_epoch, 100 * acc["accuracy"])
+        return acc
+
+    def from_start(self, i: int, stage: StageConfig, start: Start) -> StageRecord:
+        """Take stage i from finished stages of another run of the same prefix: files, log, evaluations, cost."""
+        cached = start.stages[i]
+        self.s.apply_stage(stage, cached.files)
+        record = StageRecord.from_json({**cached.record.to_json(), "reused_from": start.source, "peak_memory": None})
+        last = i == len(self.cfg.stages) - 1
+        if self.s.rt.main:
+            copy_stage_files(cached.files, self.run.stage_dir(i, stage))
+            self.run.write_train_log(i, stage, cached.train_log)
+            self.tracker.log_steps(cached.train_log)
+            if self.cfg.eval.every_epoch:  # same weights, same evaluation setup: the source's points are this run's
+                for rec in start.evals:
+                    if rec.stage == i and not (last and rec.stage_epoch >= record.epochs):  # the final one is ours
+                        self.tracker.copy(rec, start.source)
+            self.run.write_stage(i, stage, record)
+        logger.info("stage %d (%s): taken from %s", i, stage.method, start.source)
+        return record
+
+    def train(self, i: int, stage: StageConfig) -> StageRecord:
+        """Train stage i, save its adapters, leave them frozen (LoRA merged if lora.merge) on the session."""
+        s, cfg, run = self.s, self.cfg, self.run
+        named, no_decay = _stage_params(s, stage)
+        n_params = sum(p.numel() for _, p in named)
+
+        def epoch_end(epoch: int, progress: StageProgress) -> None:
+            if cfg.eval.every_epoch:
+                self.evaluate_now(i, stage, epoch, progress)
+            self.snapshot(i, stage, epoch, n_params, progress)
+
+        log = StepLog(run.train_log_path(i, stage), s.rt, f"{cfg.label()} stage {i} ({stage.method})", cfg.log_every,
+                      self.tracker.log_steps)
+        progress = train_stage(s.top, named, no_decay, self.train_rows[stage.max_length or cfg.data.max_length], stage,
+                               rt=s.rt, pad_id=s.tokenizer.pad_token_id, seed=cfg.seed + i, bucketing=cfg.length_bucketing,
+                               log=log, checkpoints=run.checkpoints_dir(i, stage), checkpoint_every=cfg.checkpoint_every,
+                               on_epoch_end=epoch_end)
+        record = self._record(i, stage, n_params, progress, peak_memory(s.rt.device),
+                              log.clipped / progress.optimizer_steps if progress.optimizer_steps else 0.0)
+        tensors = _stage_tensors(s, stage)
+        if s.rt.main:
+            _save_stage_files(s, run.stage_dir(i, stage), tensors)
+        if stage.trains_lora:
+            # A sharded model cannot be merged in place; the next stage starts from the saved adapter (train_run)
+            s.replace_model(lora.finish(s.model, cfg.lora.merge and not sharding.is_sharded(s.model)))
+        if s.rt.main:
+            run.write_stage(i, stage, record)  # the stage counts as finished from here on
+        s.rt.wait()
+        self.snapshot(i, stage, stage.epochs, n_params, progress, files=run.stage_dir(i, stage), record=record)
+        return record
+
+    def _record(self, i: int, stage: StageConfig, n_params: int, p: StageProgress, memory: dict | None = None,
+                clipped: float | None = None) -> StageRecord:
+        return StageRecord(index=i, method=stage.method, trainable_params=n_params, optimizer_steps=p.optimizer_steps,
+                           epochs=p.epochs, train_seconds=round(p.train_seconds, 2), tokens=p.tokens, final_loss=p.final_loss,
+                           flops=self.tracker.stage_flops(stage, p.tokens), peak_memory=memory,
+                           clipped_steps=None if clipped is None else round(clipped, 4))
+
+    def snapshot(self, i: int, stage: StageConfig, epoch: float, n_params: int, progress: StageProgress,
+                 files: Path | None = None, record: StageRecord | None = None) -> None:
+        """Store stages 0..i (stage i at `epoch`) in the study's stage cache if another strategy starts from them."""
+        if self.cache is None or not self.cache.wants(self.cfg, i + 1, epoch):
+            return
+        tensors = _stage_tensors(self.s, stage) if files is None else (None, None)  # every process: a collective
+        if not self.s.rt.main:
+            return
+        if record is None:
+            record = self._record(i, stage, n_params, progress)
+        whole = epoch == stage.epochs
+        source = f"{self.source} (epoch {epoch:g} snapshot)" if not whole and i == 0 else \
+            f"{self.source} (stages 0-{i}{'' if whole else f', epoch {epoch:g} snapshot'})"
+
+        def write_last(dest: Path) -> None:
+            if files is not None:
+                copy_stage_files(files, dest)
+            else:
+                _save_stage_files(self.s, dest, tensors)
+
+        stages = self.cfg.stages
+        self.cache.store(self.cfg, source, i + 1, epoch, [self.run.stage_dir(j, stages[j]) for j in range(i)], write_last,
+                         self.records + [record],
+                         [self.run.read_train_log(j, stages[j]) for j in range(i)] + [self.run.read_train_log(i, stage, progress.optimizer_steps)],
+                         [r for r in self.run.read_epochs() if r.stage < i or (r.stage == i and r.stage_epoch <= epoch)])
+
+
+def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: bool = False, start: Start | None = None,
+              cache: StageCache | None = None, name: str | None = None) -> Metrics:
+    """Train every stage of `cfg`, evaluate, and write the run folder `out`.
 
     With `resume`, a run folder of the same config continues: finished stages are loaded, the
     interrupted one continues from its latest checkpoint, a finished run is returned as it is.
+    `start`: finished stages to begin with instead of training them (a study's stage cache);
+    `cache`: where to store the stage prefixes other strategies of the study start from.
     """
-    reuse = reuse or {}
-    resuming = _prepare_out(cfg, out, overwrite, resume)
-    if resuming and (out / "metrics.json").is_file():
-        logger.info("%s: the run is already finished", out)
-        return io.read_json(out / "metrics.json")
-    splits = load_splits(cfg.data)  # bad data stops the run before anything is written
-    s = Session(cfg)
-    if any(st.method in ("reft", "joint") for st in cfg.stages):  # so does a ReFT setup that cannot fit the model
-        check_fits(cfg.reft, len(decoder_layers(s.model, cfg.model.layers_path)), hidden_size(s.model))
-    if not resuming and s.main:
-        if overwrite and out.exists():  # _prepare_out refused a non-empty folder without --overwrite
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        io.write_text(out / "config.yaml", dump_yaml(cfg))
-        io.write_json(out / "meta.json", _meta(cfg, s.accelerator, s.model_path, s.model))
-    s.accelerator.wait_for_everyone()
-    tracker = Tracker(s, cfg, out, splits.eval)
-    every = cfg.eval.every_epoch
-    total_params, stage_info = 0, []
-    for i, stage in enumerate(cfg.stages):
-        folder = out / "stages" / stage_dir_name(i, stage)
-        if resuming and (folder / "stage.json").is_file():
-            _apply_finished_stage(s, cfg, stage, folder)
-            info = io.read_json(folder / "stage.json")
-            info.setdefault("flops", tracker.stage_flops(stage, info["tokens"]))  # folders written before heft recorded it
-            logger.info("stage %d (%s): finished before the restart, loaded from %s", i, stage.method, folder)
-        else:
-            reuse_i = reuse.get(i)
-            info = _train_stage(s, cfg, i, stage, folder, splits.train, reuse_i, snapshot_epochs, resuming, tracker)
+    folder = RunFolder(out)
+    continuing = resume and folder.is_heft()
+    output = Output.open(out, overwrite=overwrite, continuing=continuing, folder=RunFolder,
+                         what="run folder", main=is_main_process())
+    try:
+        if continuing:
+            if folder.read_config() != cfg:
+                raise ConfigError(f"--resume: {out} holds a run with a different config; resume it with its own config "
+                                  f"({folder.config_path}), or use --overwrite or a new --out")
+            if folder.is_finished():
+                logger.info("%s: the run is already finished", out)
+                return folder.read_metrics()
+        # ---- check everything before the first write
+        splits = load_splits(cfg.data)
+        s = Session(cfg)
+        train_rows = _check_rows(s, cfg, splits.train, splits.eval)
+        run = RunFolder(output.work)
+        # ---- set up the folder
+        if s.rt.main and not continuing:
+            output.begin()
+            run.write_config(cfg)
+            run.write_meta(_meta(cfg, s))
+        s.rt.wait()
+        tracker = RunTracker(run, cfg, flops.non_embedding_params(s.model), s.num_layers, s.reft_layers, s.rt.main)
+        stages = _Stages(s, cfg, run, tracker, splits.eval, train_rows, cache, name or cfg.label())
+        # ---- the stages
+        every = cfg.eval.every_epoch
+        for i, stage in enumerate(cfg.stages):
             last = i == len(cfg.stages) - 1
-            if every and reuse_i is not None:  # the source run evaluated these epochs already: same weights
-                for rec in reuse_i.evals:
-                    if last and rec["stage_epoch"] >= info["epochs"]:
-                        continue  # the final evaluation below is this run's own
-                    tracker.record(i, stage, rec["stage_epoch"], _result_at(rec), rec, reused_from=reuse_i.source)
-            if every and not last and not any(r["stage_epoch"] >= info["epochs"] for r in (reuse_i.evals if reuse_i else [])):
-                tracker.evaluate(i, stage, info["epochs"], _result_of(info))
-        s.top.requires_grad_(False)
-        if sharding.is_sharded(s.top) and i < len(cfg.stages) - 1:
-            s = tracker.s = None  # type: ignore[assignment]  # free the sharded model before loading a fresh one
-            gc.collect()
-            s = tracker.s = _reload_session(cfg, out, i)
-        stage_info.append(info)
-        total_params += info["trainable_params"]
-        if i < len(cfg.stages) - 1:
-            tracker.finish_stage(info)
-    preds = s.evaluate(splits.eval)
-    if s.main:
-        io.write_jsonl(out / "predictions.jsonl", preds)
-    acc = accuracy(preds)
-    if cfg.stages:
-        if every:
-            tracker.record(len(cfg.stages) - 1, cfg.stages[-1], stage_info[-1]["epochs"], _result_of(stage_info[-1]), acc)
-        tracker.finish_stage(stage_info[-1])
-    elif every:
-        tracker.record(0, None, 0.0, None, acc)  # the untrained model: the curves' epoch-0 point
-    tracker.close()
-    majority = majority_label(splits.train) if splits.train else True
-    metrics = {
-        "strategy": cfg.label(), **acc, "eval_split": cfg.data.eval_split,
-        "majority_label": majority, "majority_baseline": sum(r.label == majority for r in splits.eval) / len(splits.eval),
-        "trainable_params": total_params, "train_seconds": round(tracker.seconds, 2), "epochs": round(tracker.epochs, 6),
-        "train_tokens": tracker.tokens, "train_flops": tracker.flops_done, "train_rows": len(splits.train), "stages": stage_info,
-    }
-    if s.main:
-        io.write_json(out / "metrics.json", metrics)
-    s.accelerator.wait_for_everyone()
-    return metrics
+            record = run.read_stage(i, stage) if continuing else None
+            if record is not None:
+                s.apply_stage(stage, run.stage_dir(i, stage))
+                logger.info("stage %d (%s): finished before the restart, loaded from %s", i, stage.method, run.stage_dir(i, stage))
+            elif start is not None and i < len(start.stages):
+                record = stages.from_start(i, stage, start)
+            else:
+                record = stages.train(i, stage)
+            s.top.requires_grad_(False)
+            if every and not last and not any(r.stage == i and r.stage_epoch >= record.epochs for r in run.read_epochs()):
+                stages.evaluate_now(i, stage, record.epochs, record.progress)
+            if sharding.is_sharded(s.top) and not last:
+                s = stages.s = None  # type: ignore[assignment]  # free the sharded model before loading a fresh one
+                gc.collect()
+                s = stages.s = _fresh_session(cfg, run, i + 1)
+            stages.records.append(record)
+            if not last:
+                tracker.finish_stage(record)
+        # ---- evaluate
+        preds = s.evaluate(splits.eval)
+        acc = accuracy(preds)
+        records = stages.records
+        if records:
+            if every:
+                tracker.record(len(records) - 1, cfg.stages[-1], records[-1].epochs, records[-1].progress, acc)
+            tracker.finish_stage(records[-1])
+        elif every:
+            tracker.record(0, None, 0.0, None, acc)  # the untrained model: the curves' epoch-0 point
+        tracker.close()
+        majority = majority_label(splits.train) if splits.train else True
+        metrics = Metrics(
+            strategy=cfg.label(), accuracy=acc["accuracy"], ci95=acc["ci95"], n=acc["n"], correct=acc["correct"],
+            eval_split=cfg.data.eval_split, majority_label=majority,
+            majority_baseline=sum(r.label == majority for r in splits.eval) / len(splits.eval),
+            trainable_params=sum(r.trainable_params for r in records), train_seconds=round(tracker.seconds, 2),
+            epochs=round(tracker.epochs, 6), train_tokens=tracker.tokens, train_flops=tracker.flops_done,
+            train_rows=len(splits.train), stages=records)
+        if s.rt.main:
+            run.write_predictions(preds)
+            run.write_metrics(metrics)
+            run.tidy(cfg.keep_checkpoints)
+            output.finish()
+        s.rt.wait()
+        return metrics
+    finally:
+        output.close()
 
 
-def _reload_session(cfg: RunConfig, out: Path, last: int) -> Session:
-    """The base model with stages 0..`last` loaded from their saved adapters, not sharded yet.
+def _fresh_session(cfg: RunConfig, run: RunFolder, count: int) -> Session:
+    """The base model with stages 0..count-1 loaded from their saved adapters, not sharded yet.
 
     FSDP shards a model in place when a stage's training prepares it, and a sharded model cannot take
     the next stage's adapters and be sharded again; so under FSDP each stage starts from a fresh copy
     of the base model, with the finished stages applied as they were saved (merged if lora.merge)."""
     s = Session(cfg)
-    _apply_saved_stages(s, cfg, out, last + 1)
+    for i, stage in enumerate(cfg.stages[:count]):
+        s.apply_stage(stage, run.stage_dir(i, stage))
     return s
 
 
-def _apply_saved_stages(s: Session, cfg: RunConfig, out: Path, count: int) -> None:
-    """Put the first `count` stages' saved adapters of run folder `out` on the session, frozen."""
-    for i, stage in enumerate(cfg.stages[:count]):
-        _apply_finished_stage(s, cfg, stage, out / "stages" / stage_dir_name(i, stage))
-    s.top.requires_grad_(False)
+# ----------------------------------------------------------------------------- reloading a finished run
 
 
-def _result_of(info: dict[str, Any]) -> StageResult:
-    return StageResult(info["optimizer_steps"], info["epochs"], info["train_seconds"], info["tokens"], info.get("final_loss"))
+def load_run(path: Path, allow_other_base: bool = False) -> tuple[Session, RunConfig]:
+    """Rebuild the trained model of a finished run folder: base model, then each stage's adapters in order.
 
-
-def _result_at(rec: dict[str, Any]) -> StageResult:
-    """A stage-0 evaluation point of another run as the stage's progress at that point."""
-    return StageResult(rec["optimizer_steps"], rec["stage_epoch"], rec["train_seconds"], rec["tokens"], None)
-
-
-def load_run(folder: Path) -> tuple[Session, RunConfig]:
-    """Rebuild the trained model of a run folder: base model, then each stage's adapters in order."""
-    if not (folder / "config.yaml").is_file():
-        raise CheckpointError(f"{folder}: not a heft run folder (no config.yaml)")
-    cfg = load(folder / "config.yaml")
+    The base model must be the one the run was trained on (shape, and the fingerprint of its config,
+    weights and tokenizer recorded in meta.json); `allow_other_base` accepts another one of the same shape."""
+    folder = RunFolder(path)
+    folder.require_finished()
+    cfg = folder.read_config()
     s = Session(cfg)
-    saved = io.read_json(folder / "meta.json").get("model_shape") if (folder / "meta.json").is_file() else None
+    meta = folder.read_meta()
+    saved = meta.get("model_shape")
     if saved is not None:
         mine = model_shape(s.model)
         wrong = {k: (v, mine[k]) for k, v in saved.items() if mine.get(k) != v}
         if wrong:
-            raise CheckpointError(f"{folder}: trained on a base model with {', '.join(f'{k}={a}' for k, (a, _) in wrong.items())}, "
+            raise CheckpointError(f"{path}: trained on a base model with {', '.join(f'{k}={a}' for k, (a, _) in wrong.items())}, "
                                   f"but {cfg.model.name_or_path} has {', '.join(f'{k}={b}' for k, (_, b) in wrong.items())}; "
                                   "point model.name_or_path in its config.yaml at the original base model")
-    _apply_saved_stages(s, cfg, folder, len(cfg.stages))
+    if "base_model_fingerprint" in meta and not allow_other_base:
+        differ = fingerprint_differences(meta["base_model_fingerprint"], fingerprint(s.model, s.tokenizer))
+        if differ:
+            raise CheckpointError(
+                f"{path}: the base model differs from the one this run was trained on ({', '.join(differ)} differ): "
+                f"trained on {meta.get('base_model_resolved', meta.get('base_model'))!r}, now loading "
+                f"{s.model_path!r}; point model.name_or_path in {folder.config_path} at the original base model, "
+                "or pass --allow-other-base to apply the adapters to this one anyway")
+    elif "base_model_fingerprint" not in meta:
+        logger.warning("%s: written before heft recorded the base model's fingerprint; the base model is checked by shape only", path)
+    for i, stage in enumerate(cfg.stages):
+        s.apply_stage(stage, folder.stage_dir(i, stage))
     return s, cfg
 
 
-def eval_run(folder: Path) -> dict[str, Any]:
+def eval_run(path: Path, allow_other_base: bool = False) -> dict[str, Any]:
     """Re-evaluate a finished run and compare with its saved predictions."""
-    s, cfg = load_run(folder)
+    s, cfg = load_run(path, allow_other_base)
     splits = load_splits(cfg.data, with_train=False)
     preds = s.evaluate(splits.eval)
     result = {**accuracy(preds), "eval_split": cfg.data.eval_split}
-    saved_path = folder / "predictions.jsonl"
-    if saved_path.is_file():
-        import json
-
-        saved = [json.loads(line) for line in saved_path.read_text().splitlines()]
+    saved = RunFolder(path).read_predictions()
+    if saved:
         same = sum(1 for a, b in zip(preds, saved) if a["pred"] == b["pred"]) if len(saved) == len(preds) else 0
         result["matches_saved_predictions"] = same == len(preds)
         result["max_abs_p_yes_diff"] = max((abs(a["p_yes"] - b["p_yes"]) for a, b in zip(preds, saved) if "p_yes" in a), default=0.0)

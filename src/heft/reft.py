@@ -323,3 +323,28 @@ def reft_config_from_saved(meta: dict[str, Any]) -> ReftConfig:
         kind=meta["kind"], rank=meta["rank"], layers=tuple(meta["layers"]),
         positions=PositionsConfig(**meta["positions"]), tied=meta["tied"], init=meta["init"], dropout=meta["dropout"],
     )
+
+
+def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The saved intervention tensors of a ReFT stage folder."""
+    try:
+        return load_file(str(folder / REFT_WEIGHTS))
+    except Exception as e:  # safetensors raises several types for missing/truncated/corrupt files
+        raise CheckpointError(f"{folder / REFT_WEIGHTS}: cannot read the ReFT weights ({e})") from None
+
+
+def edit_norms(tensors: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Per intervention, the size of its learned edit A h + c: `{layer, group, gain: ||A||_F, offset: ||c||}`.
+
+    LoReFT / NoReFT: A = R^T (W - R), c = R^T b; DiReFT: A = W2^T W1, c = W2^T b. With identity init both
+    start at 0. Keys are those `ReftModel` saves: `L{layer}_{group}.{tensor}`."""
+    out = []
+    for key in sorted({k.rsplit(".", 1)[0] for k in tensors}):
+        w, b = tensors[f"{key}.weight"].double(), tensors[f"{key}.bias"].double()
+        up = tensors[f"{key}.rotation"] if f"{key}.rotation" in tensors else tensors[f"{key}.up"]
+        up = up.double()
+        a = up.T @ (w - up) if f"{key}.rotation" in tensors else up.T @ w
+        layer, group = key[1:].split("_", 1)
+        out.append({"layer": int(layer), "group": group, "gain": float(torch.linalg.matrix_norm(a)),
+                    "offset": float(torch.linalg.vector_norm(up.T @ b))})
+    return sorted(out, key=lambda r: (r["layer"], r["group"]))

@@ -1,73 +1,48 @@
-"""Per-run bookkeeping across stages: cumulative tokens, time and estimated FLOPs, per-epoch
-evaluations (`OUT/epochs.jsonl`), and TensorBoard events.
+"""Per-run bookkeeping across stages: cumulative tokens, time and estimated FLOPs, the per-epoch
+evaluation records (`epochs.jsonl`, through the run folder), and TensorBoard events.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import flops
 from .config import RunConfig, StageConfig
-from .data import Example
 from .errors import ConfigError
-from .evaluate import accuracy
-from .model import decoder_layers, hidden_size
-from .reft import check_fits
-from .train import StageResult
-
-if TYPE_CHECKING:
-    from .pipeline import Session
+from .records import EpochRecord, StageProgress, StageRecord
+from .runfolder import RunFolder
 
 logger = logging.getLogger(__name__)
 
 
-def read_epochs(out: Path) -> list[dict[str, Any]]:
-    """`OUT/epochs.jsonl`, one record per (stage, epoch): a resumed run may have written one twice (the last wins)."""
-    path = out / "epochs.jsonl"
-    if not path.is_file():
-        return []
-    by_key: dict[tuple[int, float], dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-            by_key[(r["stage"], r["stage_epoch"])] = r
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut short by a crash
-    return sorted(by_key.values(), key=lambda r: (r["stage"], r["stage_epoch"]))
+class RunTracker:
+    """One run's cumulative training cost across stages, its per-epoch evaluations and TensorBoard events.
 
+    `n_params`: the base model's non-embedding parameters; `num_layers`: its depth (0: unknown);
+    `reft_layers`: the layers ReFT edits (gradients flow down to the lowest of them)."""
 
-class Tracker:
-    """One run's cumulative training cost across stages, its per-epoch evaluations and TensorBoard events."""
-
-    def __init__(self, s: "Session", cfg: RunConfig, out: Path, eval_rows: list[Example]):
-        self.s, self.cfg, self.out, self.eval_rows = s, cfg, out, eval_rows
-        self.n_params = flops.non_embedding_params(s.model)  # the base model, before any adapter
-        try:
-            self.num_layers = len(decoder_layers(s.model, cfg.model.layers_path))
-        except ConfigError:
-            self.num_layers = 0
+    def __init__(self, run: RunFolder, cfg: RunConfig, n_params: int, num_layers: int, reft_layers: list[int] | None,
+                 main: bool):
+        self.run, self.cfg, self.n_params, self.num_layers, self.main = run, cfg, n_params, num_layers, main
+        self.reft_lowest = min(reft_layers) if reft_layers else None
         self.epochs, self.tokens, self.seconds, self.flops_done, self.steps = 0.0, 0, 0.0, 0.0, 0
         self.writer = None
-        if cfg.tensorboard and s.main:
+        if cfg.tensorboard and main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise ConfigError("tensorboard: true needs the tensorboard package; pip install 'heft[tensorboard]' "
                                   "or set tensorboard: false") from None
-            self.writer = SummaryWriter(str(out / "tensorboard"))
-
-    def fraction(self, stage: StageConfig) -> float:
-        """Share of the layers gradients flow through: LoRA adapts every layer, ReFT from its lowest layer up."""
-        if stage.method != "reft" or self.num_layers == 0:
-            return 1.0
-        lowest = min(check_fits(self.cfg.reft, self.num_layers, hidden_size(self.s.model)))
-        return flops.backward_fraction(lowest, self.num_layers)
+            self.writer = SummaryWriter(str(run.tensorboard_dir))
 
     def stage_flops(self, stage: StageConfig, tokens: int) -> float:
-        return flops.train_flops(tokens, self.n_params, self.fraction(stage))
+        """Estimated training FLOPs: LoRA adapts every layer, so gradients flow through all of them; a ReFT
+        stage's backward stops at its lowest edited layer."""
+        fraction = 1.0
+        if stage.method == "reft" and self.num_layers and self.reft_lowest is not None:
+            fraction = flops.backward_fraction(self.reft_lowest, self.num_layers)
+        return flops.train_flops(tokens, self.n_params, fraction)
 
     def log_steps(self, records: list[dict[str, Any]]) -> None:
         if self.writer is None:
@@ -78,37 +53,37 @@ class Tracker:
                 self.writer.add_scalar(f"train/{key}", r[key], step)
         self.writer.flush()
 
-    def record(self, i: int, stage: StageConfig | None, stage_epoch: float, r: StageResult | None,
-               acc: dict[str, Any], **extra: Any) -> dict[str, Any]:
-        """Append one evaluation point (cumulative over the run's stages) to epochs.jsonl."""
-        tokens = r.tokens if r is not None else 0
-        rec = {"stage": i, "method": stage.method if stage is not None else None, "stage_epoch": stage_epoch,
-               "epoch": round(self.epochs + stage_epoch, 6), "optimizer_steps": self.steps + (r.optimizer_steps if r else 0),
-               "tokens": self.tokens + tokens, "train_seconds": round(self.seconds + (r.train_seconds if r else 0.0), 2),
-               "flops": self.flops_done + (self.stage_flops(stage, tokens) if stage is not None else 0.0),
-               "accuracy": acc["accuracy"], "correct": acc["correct"], "n": acc["n"], **extra}
-        if self.s.main:
-            with (self.out / "epochs.jsonl").open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if self.writer is not None:
-                self.writer.add_scalar("eval/accuracy", rec["accuracy"], rec["optimizer_steps"])
-                self.writer.flush()
+    def record(self, i: int, stage: StageConfig | None, stage_epoch: float, p: StageProgress | None,
+               acc: dict[str, Any]) -> EpochRecord:
+        """Write one evaluation point, with the run's cost up to it (earlier stages + this one so far)."""
+        tokens = p.tokens if p is not None else 0
+        rec = EpochRecord(
+            stage=i, method=stage.method if stage is not None else None, stage_epoch=stage_epoch,
+            epoch=round(self.epochs + stage_epoch, 6), optimizer_steps=self.steps + (p.optimizer_steps if p else 0),
+            tokens=self.tokens + tokens, train_seconds=round(self.seconds + (p.train_seconds if p else 0.0), 2),
+            flops=self.flops_done + (self.stage_flops(stage, tokens) if stage is not None else 0.0),
+            accuracy=acc["accuracy"], correct=acc["correct"], n=acc["n"])
+        self._write(rec)
         return rec
 
-    def evaluate(self, i: int, stage: StageConfig, stage_epoch: float, r: StageResult) -> dict[str, Any]:
-        """Evaluate the model as it is now (mid-stage: adapters not merged yet) and record the point."""
-        was_training = self.s.top.training
-        rec = self.record(i, stage, stage_epoch, r, accuracy(self.s.evaluate(self.eval_rows)))
-        self.s.top.train(was_training)
-        logger.info("%s after stage %d epoch %g: accuracy %.2f%%", self.cfg.label(), i, stage_epoch, 100 * rec["accuracy"])
-        return rec
+    def copy(self, rec: EpochRecord, source: str) -> None:
+        """Write another run's point for an identical stage prefix (its cumulative cost is this run's too)."""
+        self._write(EpochRecord.from_json({**rec.to_json(), "reused_from": source}))
 
-    def finish_stage(self, info: dict[str, Any]) -> None:
-        self.epochs += info["epochs"]
-        self.tokens += info["tokens"]
-        self.seconds += info["train_seconds"]
-        self.flops_done += info["flops"]
-        self.steps += info["optimizer_steps"]
+    def _write(self, rec: EpochRecord) -> None:
+        if not self.main:
+            return
+        self.run.append_epoch(rec)
+        if self.writer is not None:
+            self.writer.add_scalar("eval/accuracy", rec.accuracy, rec.optimizer_steps)
+            self.writer.flush()
+
+    def finish_stage(self, r: StageRecord) -> None:
+        self.epochs += r.epochs
+        self.tokens += r.tokens
+        self.seconds += r.train_seconds
+        self.flops_done += r.flops
+        self.steps += r.optimizer_steps
 
     def close(self) -> None:
         if self.writer is not None:

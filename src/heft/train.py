@@ -1,4 +1,12 @@
-"""The training loop: plain PyTorch, with accelerate for devices and mixed precision.
+"""The training loop: plain PyTorch, with accelerate for devices and data parallelism.
+
+`train_stage` trains one stage's parameters, everything else frozen:
+
+    setup        global batches, AdamW + schedule, accelerate's prepare (`_Setup`)
+    resume       continue from the stage's latest checkpoint, bit-identically on CPU (`_resume`)
+    step         one micro-batch forward/backward, an optimizer step at grad_accum boundaries (`_micro_step`)
+    logging      per-step records read from the device in one sync every `log_every` steps (`StepLog`)
+    checkpoints  at epoch ends and every `checkpoint_every` steps (`Checkpointer`)
 
 The loss is the cross-entropy of the answer tokens only, and logits are computed only at the last
 `max_answer_len + 1` positions of the left-padded batch (`logits_to_keep`): the vocabulary head over
@@ -22,53 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint, sharding
+from . import checkpoint, io, sharding
 from .config import StageConfig
 from .data import BucketBatches, Encoded, train_batch
 from .errors import HeftError
+from .records import StageProgress
+from .runtime import Runtime, model_forward
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StageResult:
-    optimizer_steps: int
-    epochs: float
-    train_seconds: float
-    tokens: int
-    final_loss: float | None
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast where it pays: any recent GPU, or a CPU with native bf16 (AVX512-BF16 / AMX)."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast(accelerator: Any) -> Any:
-    """bf16 autocast when the run asked for it. heft keeps accelerate itself at mixed_precision="no"
-    (accelerate's precision is process-wide state that cannot change between runs in one process)."""
-    bf16 = getattr(accelerator, "heft_bf16", None)
-    if bf16 is None:
-        return accelerator.autocast()
-    return torch.autocast(device_type=accelerator.device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
-def model_forward(model: nn.Module, batch: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
-    """Logits (B, keep, V) of the last `keep` positions; ReFT models also get the prompt positions."""
-    kwargs: dict[str, Any] = dict(attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                                  logits_to_keep=keep, use_cache=False)
-    inner = getattr(model, "module", model)  # DDP wraps the model in `.module`
-    if hasattr(inner, "interventions"):
-        kwargs.update(prompt_start=batch["prompt_start"], prompt_len=batch["prompt_len"])
-    return model(input_ids=batch["input_ids"], **kwargs).logits
 
 
 def answer_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -81,21 +50,6 @@ def shard(idx: list[int], rank: int, world: int) -> list[int]:
     """This process's rows of a global batch (strided); a process left with none repeats one row."""
     mine = idx[rank::world]
     return mine if mine else [idx[rank % len(idx)]]
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (the killed run got further)."""
-    if path.is_file():
-        lines = []
-        for ln in path.read_text().splitlines():
-            try:
-                if json.loads(ln)["step"] <= step:
-                    lines.append(ln)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                pass  # a line cut short by the crash
-        from .io import write_text
-
-        write_text(path, "".join(ln + "\n" for ln in lines))
 
 
 def lr_lambda(stage: StageConfig, total_steps: int) -> Callable[[int], float]:
@@ -144,146 +98,218 @@ def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float, no_
     return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}) if g["params"]]
 
 
-def train_stage(
-    model: nn.Module,
-    trainable: list[tuple[str, nn.Parameter]],
-    no_decay: set[str],
-    rows: list[Encoded],
-    stage: StageConfig,
-    *,
-    accelerator: Any,
-    pad_id: int,
-    seed: int,
-    bucketing: bool,
-    log_path: Path,
-    log_every: int = 10,
-    on_epoch_end: Callable[[int, "StageResult"], None] | None = None,
-    desc: str = "train",
-    checkpoint_dir: Path | None = None,
-    checkpoint_every: int = 0,
-    resume: bool = False,
-    on_log: Callable[[list[dict[str, Any]]], None] | None = None,
-) -> StageResult:
-    """Train `trainable` (everything else frozen) on `rows` for `stage.epochs` epochs.
+# ----------------------------------------------------------------------------- logging
 
-    With `checkpoint_dir`, a checkpoint is written every `checkpoint_every` optimizer steps (0: never
-    mid-epoch) and at each epoch end; `resume` continues from the latest one, bit-identically on CPU.
-    `on_log` receives the per-step records as they are written (main process only), e.g. for TensorBoard.
-    """
-    if not rows:
-        raise HeftError("training data is empty: no rows to train on (check data.train_size and the data files)")
-    reset_peak_memory(accelerator.device)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    # Global batches of batch_size rows per process: the same run on 1 or N processes sees the same data.
+
+class StepLog:
+    """Per-step records (`train_log.jsonl`), buffered on the device and read in one host sync.
+
+    Every process buffers and reduces (the reduction is a collective); only the main process writes.
+    Non-finite losses or gradient norms stop the stage here, naming the step."""
+
+    def __init__(self, path: Path, rt: Runtime, desc: str, every: int = 10,
+                 on_log: Callable[[list[dict[str, Any]]], None] | None = None):
+        self.path, self.rt, self.desc, self.every, self.on_log = path, rt, desc, every, on_log
+        self.pending: list[dict[str, Any]] = []  # records whose loss/grad-norm tensors are not read yet
+        self.last_loss: float | None = None
+        self.clipped = 0
+        self.max_norm = math.inf
+        self.file: Any = None
+
+    def open(self, resume_step: int) -> None:
+        if self.rt.main:
+            self._truncate(resume_step)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = self.path.open("a")
+        else:
+            self.file = open(os.devnull, "w")
+
+    def _truncate(self, step: int) -> None:
+        """Drop lines written after the checkpoint we resume from (the killed run got further)."""
+        if self.path.is_file():
+            io.write_jsonl(self.path, [r for r in io.read_jsonl(self.path) if r.get("step", math.inf) <= step])
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.pending.append(record)
+        if record["step"] % self.every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        values = self.rt.accelerator.reduce(
+            torch.stack([torch.stack([r["loss"], r["grad_norm"]]) for r in self.pending]), "mean").tolist()
+        for r, (loss_v, norm_v) in zip(self.pending, values):
+            if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
+                what = "loss" if not math.isfinite(loss_v) else "gradient norm"
+                raise HeftError(f"{self.desc}: non-finite {what} ({loss_v if what == 'loss' else norm_v}) at optimizer "
+                                f"step {r['step']}; lower the learning rate (stage lr) or use precision: fp32")
+            r.update(loss=round(loss_v, 6), grad_norm=round(norm_v, 6))
+            self.clipped += norm_v > self.max_norm
+            self.file.write(json.dumps(r) + "\n")
+        self.file.flush()
+        if self.on_log is not None and self.rt.main:
+            self.on_log(self.pending)
+        self.last_loss = values[-1][0]
+        self.pending = []
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+# ----------------------------------------------------------------------------- setup and checkpoints
+
+
+@dataclass
+class _Setup:
+    model: nn.Module
+    trainable: list[tuple[str, nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    batches: BucketBatches
+    total_micro: int
+
+
+def _setup(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], no_decay: set[str], rows: list[Encoded],
+           stage: StageConfig, rt: Runtime, seed: int, bucketing: bool, desc: str) -> _Setup:
+    """Global batches of batch_size rows per process (the same run on 1 or N processes sees the same data),
+    AdamW with its schedule, and accelerate's preparation of model and optimizer."""
+    world = rt.num_processes
     batches = BucketBatches([len(r.prompt) + len(r.answers[r.label]) for r in rows], stage.batch_size * world, seed, bucketing)
     total_micro = max(1, round(stage.epochs * len(batches)))
     total_steps = math.ceil(total_micro / stage.grad_accum)
     optimizer = torch.optim.AdamW(param_groups(trainable, stage.weight_decay, no_decay), lr=stage.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage, total_steps))
     names = {id(p): n for n, p in model.named_parameters()}
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = rt.accelerator.prepare(model, optimizer)
     # FSDP2 shards the model in place, swapping its parameters for sharded ones the optimizer now updates
-    trainable = sharding.rebind(trainable, names, accelerator.unwrap_model(model))
+    trainable = sharding.rebind(trainable, names, rt.accelerator.unwrap_model(model))
     if sharding.is_sharded(model):
         logger.info("%s: FSDP shards the model over %d processes; this one holds %.1f%% of its parameters",
                     desc, world, 100 * sharding.local_share(model))
-    params = [p for _, p in trainable]
-    model.train()
+    return _Setup(model, trainable, optimizer, scheduler, batches, total_micro)
+
+
+def _resume(checkpoints: Path | None, st: _Setup, desc: str) -> checkpoint.Progress:
+    """Where the stage stopped: its latest checkpoint restored into the live objects (RNG included), or the start."""
+    ckpt = checkpoint.latest(checkpoints) if checkpoints is not None else None
+    if ckpt is None:
+        return checkpoint.Progress()
+    done = checkpoint.restore(ckpt, st.trainable, st.optimizer, st.scheduler)
+    logger.info("%s: resuming from %s (optimizer step %d)", desc, ckpt, done.step)
+    return done
+
+
+class Checkpointer:
+    """Writes a stage's checkpoints (every process gathers, the main process writes), at most once per step."""
+
+    def __init__(self, folder: Path | None, every: int, rt: Runtime, st: _Setup, saved_at: int):
+        self.folder, self.every, self.rt, self.st, self.saved_at = folder, every, rt, st, saved_at
+
+    def save(self, progress: checkpoint.Progress, log: StepLog) -> None:
+        if self.folder is None or self.saved_at == progress.step:
+            return
+        self.saved_at = progress.step
+        log.flush()  # on every process (it reduces across them); never checkpoint past a non-finite loss
+        progress.last_loss, progress.clipped = log.last_loss, log.clipped
+        snap = checkpoint.snapshot(self.st.trainable, self.st.optimizer)  # every process: gathers shards and RNG states
+        if self.rt.main:
+            checkpoint.save(self.folder, snap, self.st.scheduler, progress)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _micro_step(st: _Setup, rows: list[Encoded], idx: list[int], rt: Runtime, pad_id: int, grad_accum: int,
+                boundary: bool) -> tuple[torch.Tensor, int]:
+    """Forward and backward of this process's share of one global batch; (loss, tokens of the whole batch)."""
+    world, rank = rt.num_processes, rt.process_index
+    shards = [shard(idx, r, world) for r in range(world)]
+    # Sum over this process's answer tokens / all processes' answer tokens, times world: DDP's mean
+    # of the gradients is then exactly the gradient of the global batch's mean loss.
+    global_answer_tokens = sum(len(rows[i].answers[rows[i].label]) for part in shards for i in part)
+    cpu_batch = train_batch([rows[i] for i in shards[rank]], pad_id)
+    keep = int(cpu_batch.pop("logits_to_keep"))
+    tokens = sum(len(rows[i].prompt) + len(rows[i].answers[rows[i].label]) for i in idx)
+    batch = {k: v.to(rt.device, non_blocking=True) for k, v in cpu_batch.items()}
+    with contextlib.nullcontext() if boundary else rt.accelerator.no_sync(st.model):
+        with rt.autocast():
+            loss_sum = answer_loss(model_forward(st.model, batch, keep), batch["targets"], reduction="sum")
+            loss = loss_sum * (world / global_answer_tokens)
+        rt.accelerator.backward(loss / grad_accum)
+    return loss.detach(), tokens
+
+
+def train_stage(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], no_decay: set[str], rows: list[Encoded],
+                stage: StageConfig, *, rt: Runtime, pad_id: int, seed: int, bucketing: bool, log: StepLog,
+                checkpoints: Path | None = None, checkpoint_every: int = 0,
+                on_epoch_end: Callable[[int, StageProgress], None] | None = None) -> StageProgress:
+    """Train `trainable` (everything else frozen) on `rows` for `stage.epochs` epochs.
+
+    With `checkpoints`, a checkpoint is written every `checkpoint_every` optimizer steps (0: never
+    mid-epoch) and at each epoch end, and training continues from the latest one found there.
+    `on_epoch_end(epoch, progress)` runs after each whole epoch that ends on an optimizer step (then
+    the state equals a shorter run's end), except the last.
+    """
+    if not rows:
+        raise HeftError("training data is empty: no rows to train on (check data.train_size and the data files)")
+    reset_peak_memory(rt.device)
+    desc = log.desc
+    st = _setup(model, trainable, no_decay, rows, stage, rt, seed, bucketing, desc)
+    params = [p for _, p in st.trainable]
+    st.model.train()
     torch.manual_seed(seed)  # dropout masks depend only on the seed
-    done = checkpoint.Progress()
-    ckpt = checkpoint.latest(checkpoint_dir) if (resume and checkpoint_dir is not None) else None
-    if ckpt is not None:
-        done = checkpoint.restore(ckpt, trainable, optimizer, scheduler)
-        logger.info("%s: resuming from %s (optimizer step %d)", desc, ckpt, done.step)
-        if accelerator.is_main_process:
-            _truncate_log(log_path, done.step)
+    done = _resume(checkpoints, st, desc)
+    log.max_norm, log.last_loss, log.clipped = stage.max_grad_norm, done.last_loss, done.clipped
+    log.open(done.step)  # a log line past the checkpoint (or any, without one) is redone
+    ckpt = Checkpointer(checkpoints, checkpoint_every, rt, st, done.step)
     start, tokens, step = time.perf_counter() - done.seconds, done.tokens, done.step
-    last_loss: float | None = done.last_loss
-    pending: list[dict[str, Any]] = []  # per-step records whose loss/grad-norm tensors are not read yet
-    micro_losses: list[torch.Tensor] = []
-    device = accelerator.device
-    bar = tqdm(total=total_micro, desc=desc, unit="batch", disable=not accelerator.is_main_process, mininterval=2.0)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    world = rt.num_processes
 
-    def flush(log: Any) -> None:
-        """Read the buffered tensors in one host sync, check them, write one JSON line per step."""
-        nonlocal last_loss
-        if not pending:
-            return
-        values = accelerator.reduce(torch.stack([torch.stack([r["loss"], r["grad_norm"]]) for r in pending]), "mean").tolist()
-        for r, (loss_v, norm_v) in zip(pending, values):
-            if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
-                what = "loss" if not math.isfinite(loss_v) else "gradient norm"
-                raise HeftError(f"{desc}: non-finite {what} ({loss_v if what == 'loss' else norm_v}) at optimizer step "
-                                f"{r['step']}; lower the learning rate (stage lr) or use precision: fp32")
-            r.update(loss=round(loss_v, 6), grad_norm=round(norm_v, 6))
-            if accelerator.is_main_process:
-                log.write(json.dumps(r) + "\n")
-        log.flush()
-        if on_log is not None and accelerator.is_main_process:
-            on_log(pending)
-        last_loss = values[-1][0]
-        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
-        pending.clear()
+    def progress(micro: int) -> checkpoint.Progress:
+        return checkpoint.Progress(step, micro, tokens, time.perf_counter() - start, log.last_loss, world, log.clipped)
 
-    saved_at = [done.step]
-
-    def save_checkpoint(micro_done: int, log: Any) -> None:
-        if checkpoint_dir is None or saved_at[0] == step:
-            return
-        saved_at[0] = step
-        flush(log)  # on every process (it reduces across them); never checkpoint past a non-finite loss
-        snap = checkpoint.snapshot(trainable, optimizer)  # on every process too: gathers shards and generator states
-        if accelerator.is_main_process:
-            checkpoint.save(checkpoint_dir, snap, scheduler,
-                            checkpoint.Progress(step, micro_done, tokens, time.perf_counter() - start, last_loss, world))
-
+    bar = tqdm(total=st.total_micro, desc=desc, unit="batch", disable=not rt.main, mininterval=2.0)
     bar.update(done.micro)
-    with (log_path.open("a") if accelerator.is_main_process else open(os.devnull, "w")) as log:
+    micro_losses: list[torch.Tensor] = []
+    try:
         prev_epoch = None
-        for micro, (epoch, idx) in enumerate(batches.iterate(total_micro)):
+        for micro, (epoch, idx) in enumerate(st.batches.iterate(st.total_micro)):
             if micro < done.micro:
                 prev_epoch = epoch
                 continue  # already trained before the restart; the order is a pure function of (seed, epoch)
             if prev_epoch is not None and epoch != prev_epoch and micro % stage.grad_accum == 0 and micro > done.micro:
-                # Only where the epoch ends on an optimizer step: then the state equals a shorter run's end.
-                flush(log)
+                log.flush()
                 if on_epoch_end is not None:
-                    on_epoch_end(prev_epoch + 1, StageResult(step, prev_epoch + 1, time.perf_counter() - start, tokens, last_loss))
-                save_checkpoint(micro, log)
+                    on_epoch_end(prev_epoch + 1, StageProgress(step, prev_epoch + 1, time.perf_counter() - start, tokens,
+                                                               log.last_loss))
+                ckpt.save(progress(micro), log)
             prev_epoch = epoch
-            shards = [shard(idx, r, world) for r in range(world)]
-            # Sum over this process's answer tokens / all processes' answer tokens, times world: DDP's mean
-            # of the gradients is then exactly the gradient of the global batch's mean loss.
-            global_answer_tokens = sum(len(rows[i].answers[rows[i].label]) for part in shards for i in part)
-            cpu_batch = train_batch([rows[i] for i in shards[rank]], pad_id)
-            keep = int(cpu_batch.pop("logits_to_keep"))
-            tokens += sum(len(rows[i].prompt) + len(rows[i].answers[rows[i].label]) for i in idx)
-            batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
-            boundary = (micro + 1) % stage.grad_accum == 0 or micro + 1 == total_micro
-            with contextlib.nullcontext() if boundary else accelerator.no_sync(model):
-                with autocast(accelerator):
-                    loss_sum = answer_loss(model_forward(model, batch, keep), batch["targets"], reduction="sum")
-                    loss = loss_sum * (world / global_answer_tokens)
-                accelerator.backward(loss / stage.grad_accum)
-            micro_losses.append(loss.detach())
+            boundary = (micro + 1) % stage.grad_accum == 0 or micro + 1 == st.total_micro
+            loss, batch_tokens = _micro_step(st, rows, idx, rt, pad_id, stage.grad_accum, boundary)
+            tokens += batch_tokens
+            micro_losses.append(loss)
             if boundary:
-                norm = accelerator.clip_grad_norm_(params, stage.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                norm = rt.accelerator.clip_grad_norm_(params, stage.max_grad_norm)
+                st.optimizer.step()
+                st.scheduler.step()
+                st.optimizer.zero_grad(set_to_none=True)
                 step += 1
-                pending.append({"step": step, "epoch": round((micro + 1) / len(batches), 4),
-                                "loss": torch.stack(micro_losses).mean().float(), "grad_norm": sharding.full(norm).float(),
-                                "lr": scheduler.get_last_lr()[0], "tokens": tokens,
-                                "seconds": round(time.perf_counter() - start, 2)})
+                log.add({"step": step, "epoch": round((micro + 1) / len(st.batches), 4),
+                         "loss": torch.stack(micro_losses).mean().float(), "grad_norm": sharding.full(norm).float(),
+                         "lr": st.scheduler.get_last_lr()[0], "tokens": tokens,
+                         "seconds": round(time.perf_counter() - start, 2)})
                 micro_losses = []
-                if step % log_every == 0:
-                    flush(log)
-                if checkpoint_every and step % checkpoint_every == 0 and micro + 1 < total_micro:
-                    save_checkpoint(micro + 1, log)
+                if checkpoint_every and step % checkpoint_every == 0 and micro + 1 < st.total_micro:
+                    ckpt.save(progress(micro + 1), log)
+                if log.last_loss is not None:
+                    bar.set_postfix(loss=f"{log.last_loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}",
+                                    refresh=False)
             bar.update(1)
-        flush(log)
-    bar.close()
-    model.eval()
-    return StageResult(step, total_micro / len(batches), time.perf_counter() - start, tokens, last_loss)
+        log.flush()
+    finally:
+        log.close()
+        bar.close()
+    st.model.eval()
+    return StageProgress(step, st.total_micro / len(st.batches), time.perf_counter() - start, tokens, log.last_loss)
