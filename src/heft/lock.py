@@ -75,6 +75,8 @@ class FolderLock:
         return f"PID {holder.get('pid', '?')} on host {holder.get('host', '?')}, started {when}"
 
     def acquire(self) -> "FolderLock":
+        # the lock file needs its folder; parents made here are removed again on release if still empty
+        self.made = [p for p in reversed(self.folder.parents) if not p.exists()]
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(20):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -107,6 +109,7 @@ class FolderLock:
             os.fsync(fd)
             self.fd = fd
             return self
+        self.release()
         raise LockedError(f"{self.folder}: could not take the lock {self.path} (it kept changing hands); try again")
 
     @staticmethod
@@ -132,13 +135,18 @@ class FolderLock:
         return False
 
     def release(self) -> None:
-        if self.fd is None:
-            return
-        try:
-            self.path.unlink(missing_ok=True)
-        finally:
-            os.close(self.fd)
-            self.fd = None
+        if self.fd is not None:
+            try:
+                self.path.unlink(missing_ok=True)
+            finally:
+                os.close(self.fd)
+                self.fd = None
+        for p in reversed(getattr(self, "made", [])):
+            try:
+                p.rmdir()  # only if empty: a run that wrote something keeps it
+            except OSError:
+                break
+        self.made = []
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()
