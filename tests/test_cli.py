@@ -156,7 +156,7 @@ def test_saved_reft_files(runs, strategy):
     assert len(tensors) == LAYERS * 2 * 3
     meta = json.loads((folder / "reft_config.json").read_text())
     assert meta["rank"] == REFT_R and meta["layers"] == [0, 1, 2, 3] and meta["hidden_size"] == D
-    assert meta["positions"] == {"first": 2, "last": 2}
+    assert meta["positions"] == {"first": 2, "last": 2, "first_from": "prompt"}
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))

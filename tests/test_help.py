@@ -62,7 +62,8 @@ def test_every_config_dataclass_is_reached():
     defined = {v for v in vars(config).values()
                if isinstance(v, type) and dataclasses.is_dataclass(v) and v.__module__ == config.__name__}
     assert reached == defined == {config.RunConfig, config.ModelConfig, config.DataConfig, config.LoraConfig,
-                                  config.ReftConfig, config.PositionsConfig, config.StageConfig, config.EvalConfig}
+                                  config.ReftConfig, config.PositionsConfig, config.StageConfig, config.EvalConfig,
+                                  config.TaskConfig}
 
 
 @dataclass(frozen=True)
@@ -104,16 +105,19 @@ def test_defaults_match_the_dataclasses():
     """Every rendered default reads back (as YAML) to the dataclass default, so help can't drift from code."""
     defaults = config.to_dict(config.RunConfig())
     for d in field_docs():
-        if d.type == "section" or d.default == "required" or d.path.startswith("stages[]"):
+        if d.type == "section" or d.default == "required" or "[]" in d.path:
             continue
         node = defaults
         for key in d.path.split("."):
             node = node[key]
         assert config.read_yaml(d.default) == node, d.path
     stage = config.to_dict(config.StageConfig(method="lora"))
+    task = config.to_dict(config.TaskConfig(name="arc_easy"))
     for d in field_docs():
         if d.path.startswith("stages[].") and d.default != "required":
             assert config.read_yaml(d.default) == stage[d.path.removeprefix("stages[].")], d.path
+        if d.path.startswith("data.tasks[].") and d.default != "required":
+            assert config.read_yaml(d.default) == task[d.path.removeprefix("data.tasks[].")], d.path
 
 
 def test_render_lists_every_field_grouped_by_section():
@@ -125,12 +129,12 @@ def test_render_lists_every_field_grouped_by_section():
         elif d.path.startswith("stages[]."):
             assert f"  --stages.I.{d.path.removeprefix('stages[].')} " in text
         else:
-            assert f"  --{d.path} " in text, d.path
+            assert f"  --{d.path.replace('[]', '.I')} " in text, d.path
     assert "  --model.name_or_path STR (default: 'smollm2-135m')\n" in text
     assert "  --stages.I.method 'lora' | 'reft' | 'joint' (required)\n" in text
     assert "  --model.revision STR | null (default: null)\n" in text
     assert "\nstages[]:\n" in text and "\nreft.positions:\n" in text
-    assert max(len(line) for line in text.splitlines()) <= 100
+    assert max(len(line) for line in text.splitlines() if not line.startswith("  --")) <= 100  # docs wrap; flags don't
 
 
 def test_epilogs_in_argparse_keep_their_layout():

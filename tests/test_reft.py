@@ -480,3 +480,25 @@ def test_saved_fp32_interventions_load_onto_a_bf16_model(tiny_model_dir, tmp_pat
     assert edited.dtype == plain.dtype == torch.bfloat16
     assert not torch.equal(edited, plain)
     assert all(p.dtype == torch.float32 for p in reft.interventions.parameters())  # kept in fp32
+
+
+def test_generation_through_heft_loader_keeps_the_prompt_edits(tiny_model_dir):
+    """heft's loader turns the model config's KV cache off (training); generation must turn it back on, or every
+    step re-runs the whole sequence and the prompt-pass-only edits vanish after the first generated token."""
+    from heft.config import ModelConfig
+    from heft.data import Encoded
+    from heft.evaluate import generate_texts
+    from heft.model import load_model
+    from heft.runtime import Runtime
+
+    model, tok = load_model(ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32"), torch.device("cpu"))
+    assert model.config.use_cache is False
+    torch.manual_seed(0)
+    reft = ReftModel(model, ReftConfig(rank=2, layers="all", positions=PositionsConfig(2, 2), init="random"),
+                     decoder_layers(model), hidden_size(model))
+    b = prompt_batch(PROMPTS, pad_id=tok.pad_token_id)
+    want = reft.generate(b["input_ids"], b["attention_mask"], b["prompt_start"], b["prompt_len"], max_new_tokens=6,
+                         do_sample=False, pad_token_id=tok.pad_token_id, use_cache=True)
+    texts = generate_texts(reft, [Encoded(p, ([0],), 0, False) for p in PROMPTS], tok, batch_size=3, max_new_tokens=6,
+                           rt=Runtime(torch.device("cpu")))
+    assert texts == [tok.decode(s[b["input_ids"].shape[1]:], skip_special_tokens=True) for s in want]

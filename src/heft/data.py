@@ -38,13 +38,35 @@ DEV_SPLIT_SEED = 20250912  # fixed: the dev split must not move with the trainin
 
 @dataclass(frozen=True)
 class Example:
+    """One row of any task. A BoolQ row has `question`, `passage` and a boolean `label`, and its prompt comes
+    from `data.prompt_format`; every other row carries its rendered `context` (or one per choice in
+    `contexts`, or chat `messages`) with `choices` to score (label: the right one's index) or a `target`
+    to train on and a `gold` answer to match (generation)."""
+
     question: str
     passage: str
-    label: bool
+    label: bool | int
     idx: int
     # where the row came from, for messages: "train.jsonl:5", "x.parquet:row 3", "command line";
     # not part of equality, so the same row read from two files compares equal
     source: str = field(default="", compare=False)
+    task: str = "boolq"
+    context: str | None = None
+    choices: tuple[str, ...] = ()
+    """Continuation texts, each scored after `context` + `delimiter` (lm-eval's target_delimiter)."""
+    contexts: tuple[str, ...] = ()
+    """Per-choice contexts with one shared continuation (winogrande's partial scoring)."""
+    target: str | None = None
+    gold: str | None = None
+    messages: tuple[tuple[str, str], ...] = ()
+    delimiter: str = " "
+
+    @property
+    def kind(self) -> str:
+        """`yesno` (BoolQ prompt formats), `choice` (scored choices) or `generate` (greedy text, exact match)."""
+        if self.context is None and not self.contexts and not self.messages:
+            return "yesno"
+        return "choice" if self.choices else "generate"
 
 
 @dataclass(frozen=True)
@@ -87,10 +109,95 @@ def parse_row(row: Any, where: str, need_passage: bool = True, index: int = 0) -
             raise DataError(f"{where}: missing field `{name}`")
         if not isinstance(value, str) or not value.strip():
             raise DataError(f"{where}: field `{name}` must be non-empty text, got {value!r}")
+        _unicode(value, name, where)
     passage = row.get("passage") or ""
     idx = row.get("idx", index)
     return Example(row["question"].strip(), passage.strip(), _label(row, where),
                    int(idx) if isinstance(idx, int) else index, source=where)
+
+
+def _unicode(value: str, name: str, where: str) -> None:
+    """Text a tokenizer can take: JSON's `\\ud800` escapes decode to unpaired surrogates, which are not."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: field `{name}` is not valid Unicode text (an unpaired surrogate escape such as "
+                        "\\ud800)") from None
+
+
+def _text(row: dict, name: str, where: str, allow_empty: bool = False) -> str:
+    value = row.get(name)
+    if value is None:
+        raise DataError(f"{where}: missing field `{name}`")
+    if not isinstance(value, str) or (not allow_empty and not value.strip()):
+        raise DataError(f"{where}: field `{name}` must be non-empty text, got {value!r}")
+    _unicode(value, name, where)
+    return value
+
+
+def _choice_label(row: dict, n: int, where: str) -> int:
+    value = row.get("label")
+    if value is None:
+        raise DataError(f"{where}: missing field `label` (the index of the right choice, 0..{n - 1})")
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+        raise DataError(f"{where}: field `label` must be the index of the right choice, 0..{n - 1}, got {value!r}")
+    return value
+
+
+def _choices(row: dict, where: str) -> tuple[str, ...]:
+    choices = row.get("choices")
+    if choices is None:
+        raise DataError(f"{where}: missing field `choices` (a list of answer texts)")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+        raise DataError(f"{where}: field `choices` must be a list of at least 2 non-empty texts, got {choices!r}")
+    for c in choices:
+        _unicode(c, "choices", where)
+    return tuple(choices)
+
+
+def parse_general(row: Any, where: str, fmt: str, task: str, index: int = 0) -> Example:
+    """One checked row of a general task: `multiple_choice` (question/prompt, choices, label), `completion`
+    (prompt, completion), `chat` (messages), or `rendered` (a built-in task's context(s), choices, label or
+    context, target, gold; see heft.tasks)."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    idx = row.get("idx", row.get("id", index))
+    idx = int(idx) if isinstance(idx, int) and not isinstance(idx, bool) else index
+    common = dict(question="", passage="", idx=idx, source=where, task=task)
+    if fmt == "rendered":
+        if "target" in row:
+            return Example(**common, label=0, context=_text(row, "context", where), target=_text(row, "target", where),
+                           gold=_text(row, "gold", where))
+        choices = _choices(row, where)
+        contexts = tuple(row.get("contexts") or ())
+        context = None if contexts else _text(row, "context", where, allow_empty=True)
+        return Example(**common, label=_choice_label(row, len(choices), where), context=context, choices=choices,
+                       contexts=contexts)
+    if fmt == "multiple_choice":
+        key = "question" if "question" in row else "prompt"
+        if key not in row:
+            raise DataError(f"{where}: missing field `question` (or `prompt`): the text the choices answer")
+        choices = _choices(row, where)
+        return Example(**common, label=_choice_label(row, len(choices), where), context=_text(row, key, where),
+                       choices=choices)
+    if fmt == "completion":
+        completion = _text(row, "completion", where)
+        return Example(**common, label=0, context=_text(row, "prompt", where), target=completion, gold=completion.strip(),
+                       delimiter="")
+    messages = row.get("messages")
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise DataError(f"{where}: field `messages` must be a list of at least 2 {{role, content}} turns, got {messages!r}")
+    turns = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{k}] must be {{role: text, content: text}}, got {m!r}")
+        turns.append((m["role"], m["content"]))
+    if turns[-1][0] != "assistant":
+        raise DataError(f"{where}: the last message must have role `assistant` (the answer trained on and matched), "
+                        f"got role {turns[-1][0]!r}")
+    return Example(**common, label=0, messages=tuple(turns), target=turns[-1][1], gold=turns[-1][1].strip(), delimiter="")
 
 
 def _utf8(raw: bytes, p: Path, line: int | None = None) -> str:
@@ -106,8 +213,10 @@ def _utf8(raw: bytes, p: Path, line: int | None = None) -> str:
                         "(spreadsheets: 'CSV UTF-8' or 'Unicode (UTF-8)' when saving)") from None
 
 
-def read_rows(path: str | Path, need_passage: bool = True) -> list[Example]:
-    """All rows of a jsonl/json/parquet file, checked; the first bad row raises DataError."""
+def read_rows(path: str | Path, need_passage: bool = True, fmt: str = "boolq", columns: dict[str, str] | None = None,
+              task: str = "local") -> list[Example]:
+    """All rows of a jsonl/json/parquet file in the shape `fmt`, fields renamed by `columns` first, checked;
+    the first bad row raises DataError."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such data file")
@@ -144,10 +253,56 @@ def read_rows(path: str | Path, need_passage: bool = True) -> list[Example]:
                 rows.append((f"{p}:{n}", json.loads(line)))
             except json.JSONDecodeError as e:
                 raise DataError(f"{p}:{n}: malformed JSON line ({e.msg} at column {e.colno})") from None
-    out = [parse_row(r, where, need_passage, i) for i, (where, r) in enumerate(rows)]
+    if columns:
+        rows = [(where, _rename(r, columns, where)) for where, r in rows]
+    if fmt == "boolq":
+        out = [parse_row(r, where, need_passage, i) for i, (where, r) in enumerate(rows)]
+    else:
+        out = [parse_general(r, where, fmt, task, i) for i, (where, r) in enumerate(rows)]
     if not out:
         raise DataError(f"{p}: the file holds no rows")
     return out
+
+
+def _rename(row: Any, columns: dict[str, str], where: str) -> Any:
+    """`row` with the fields `columns` names renamed (data.columns: {field in the file: heft's name})."""
+    if not isinstance(row, dict):
+        return row
+    missing = [k for k in columns if k not in row]
+    if missing:
+        raise DataError(f"{where}: data.columns renames {missing[0]!r}, which this row does not have "
+                        f"(its fields: {', '.join(sorted(map(str, row)))})")
+    return {columns.get(k, k): v for k, v in row.items()}
+
+
+def _builtin_splits(cfg: DataConfig, with_train: bool) -> tuple[list[Example], list[Example], list[Example]]:
+    """Train, dev and evaluation rows of the built-in tasks (a mixture: concatenated, each capped)."""
+    from .assets import tasks_dir
+    from .tasks import carve, spec
+
+    folder = tasks_dir()
+    train: list[Example] = []
+    dev: list[Example] = []
+    evaluation: list[Example] = []
+    for t in cfg.tasks:
+        sp = spec(t.name)
+        pool_file = folder / t.name / "pool.jsonl"
+        rows = read_rows(pool_file, fmt="rendered", task=t.name)
+        if sp.eval is not None:  # a separate evaluated split: train on the whole pool, in a fixed shuffled order
+            held = read_rows(folder / t.name / "eval.jsonl", fmt="rendered", task=t.name)
+            order = list(range(len(rows)))
+            random.Random(DEV_SPLIT_SEED).shuffle(order)
+            pool = [rows[i] for i in order]
+        else:
+            pool_idx, held_idx = carve(len(rows))
+            pool, held = [rows[i] for i in pool_idx], [rows[i] for i in held_idx]
+        n_dev = min(cfg.dev_size, len(pool) // 4)
+        dev += pool[:n_dev]
+        size = t.train_size if t.train_size is not None else cfg.train_size
+        train += pool[n_dev:][:size] if size is not None else pool[n_dev:]
+        eval_size = t.eval_size if t.eval_size is not None else cfg.eval_size
+        evaluation += held[:eval_size] if eval_size is not None else held
+    return (train if with_train or cfg.eval_split == "dev" else []), dev, evaluation
 
 
 def _hub_split(split: str) -> list[Example]:
@@ -162,6 +317,9 @@ def _hub_split(split: str) -> list[Example]:
 def load_splits(cfg: DataConfig, with_train: bool = True) -> Splits:
     """Train (minus dev, optionally subsampled), dev, and the evaluation rows, as the config says."""
     need_passage = cfg.prompt_format == "passage"
+    if cfg.source == "builtin":
+        train, dev, evaluation = _builtin_splits(cfg, with_train)
+        return Splits(train, dev, dev if cfg.eval_split == "dev" else evaluation)
     if cfg.source == "boolq":
         from .assets import boolq_dir
 
@@ -172,8 +330,9 @@ def load_splits(cfg: DataConfig, with_train: bool = True) -> Splits:
         train = _hub_split("train") if (with_train or cfg.eval_split == "dev") else []
         valid = _hub_split("validation")
     else:
-        train = read_rows(cfg.train_path, need_passage) if cfg.train_path and (with_train or cfg.eval_split == "dev") else []
-        valid = read_rows(cfg.eval_path, need_passage)
+        kw = dict(fmt=cfg.format, columns=cfg.columns)
+        train = read_rows(cfg.train_path, need_passage, **kw) if cfg.train_path and (with_train or cfg.eval_split == "dev") else []
+        valid = read_rows(cfg.eval_path, need_passage, **kw)
     order = list(range(len(train)))
     random.Random(DEV_SPLIT_SEED).shuffle(order)
     if train and cfg.dev_size >= len(train):
@@ -192,6 +351,14 @@ def majority_label(rows: Sequence[Example]) -> bool:
     """The more frequent label (ties: True), the constant predictor of the majority baseline."""
     yes = sum(r.label for r in rows)
     return yes * 2 >= len(rows)
+
+
+def majority_choice(rows: Sequence[Example]) -> int:
+    """The most frequent gold choice index among choice rows (ties: the lowest index)."""
+    counts: dict[int, int] = {}
+    for r in rows:
+        counts[int(r.label)] = counts.get(int(r.label), 0) + 1
+    return max(sorted(counts), key=lambda k: counts[k]) if counts else 0
 
 
 # ----------------------------------------------------------------------------- prompts and tokens
@@ -214,16 +381,44 @@ def candidates(fmt: str) -> tuple[str, str]:
 @dataclass(frozen=True)
 class Encoded:
     prompt: list[int]
-    answers: tuple[list[int], list[int]]  # token ids of the (False, True) answers after the prompt
+    answers: tuple[list[int], ...]  # token ids of each answer after the prompt: BoolQ (False, True); choices; a target
     label: int
     truncated: bool
+    prompts: tuple[list[int], ...] = ()
+    """Per-choice prompts (winogrande): choice j follows prompts[j]; `prompt` is the right one's."""
+    content_start: int = 0
+    """Prompt tokens before the user's content (reft.positions.first_from: content): ReFT's first group starts here."""
+
+    def prompt_for(self, j: int) -> list[int]:
+        return self.prompts[j] if self.prompts else self.prompt
 
 
 class Encoder:
     """Tokenizes examples for one tokenizer, prompt format and length budget."""
 
-    def __init__(self, tokenizer: Any, fmt: str, max_length: int):
-        self.tok, self.fmt, self.max_length = tokenizer, fmt, max_length
+    def __init__(self, tokenizer: Any, fmt: str, max_length: int, first_from: str = "prompt"):
+        self.tok, self.fmt, self.max_length, self.first_from = tokenizer, fmt, max_length, first_from
+
+    def _content_start(self, ex: Example, prompt: list[int]) -> int:
+        """How many prompt tokens come before the user's content: a chat template's leading tokens (up to the
+        first non-system message's text, from the tokenizer's offsets), else the special tokens (BOS) in front."""
+        if self.first_from != "content":
+            return 0
+        if ex.messages:
+            turns = [{"role": r, "content": c} for r, c in ex.messages[:-1]]
+            text = self.tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+            content = next((c for r, c in ex.messages if r != "system"), "")
+            at = text.find(content) if content else -1
+            enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            if at < 0 or list(enc["input_ids"]) != list(prompt):
+                raise DataError(f"{ex.source or ex.idx}: reft.positions.first_from: content cannot find the user's "
+                                "content in this chat template's tokens; use first_from: prompt")
+            return next(k for k, (a, b) in enumerate(enc["offset_mapping"]) if b > at)
+        special = set(self.tok.all_special_ids)
+        n = 0
+        while n < len(prompt) - 1 and prompt[n] in special:
+            n += 1
+        return n
 
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=True)["input_ids"]
@@ -234,9 +429,63 @@ class Encoder:
             return full[len(prompt_ids):]
         return self.tok(answer, add_special_tokens=False)["input_ids"]
 
+    def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-evaluation-harness's split of context + continuation into ids: trailing whitespace of the context
+        moves to the continuation, the whole string is encoded, and the continuation is what follows the
+        encoded context's length."""
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        ctx = self._ids(context)
+        whole = self._ids(context + continuation)
+        return ctx, whole[len(ctx):]
+
+    def _chat(self, ex: Example, where: str) -> tuple[list[int], list[int]]:
+        turns = [{"role": r, "content": c} for r, c in ex.messages]
+        if getattr(self.tok, "chat_template", None) is None:
+            raise DataError(f"{where}: data.format: chat needs a tokenizer with a chat template; this model's has none "
+                            "(use data.format: completion)")
+        prompt = list(self.tok.apply_chat_template(turns[:-1], add_generation_prompt=True, tokenize=True, return_dict=False))
+        full = list(self.tok.apply_chat_template(turns, tokenize=True, return_dict=False))
+        if full[:len(prompt)] != prompt or len(full) == len(prompt):
+            raise DataError(f"{where}: the chat template renders the conversation without its prompt as a prefix; "
+                            "heft cannot tell the answer tokens apart (use data.format: completion)")
+        return prompt, full[len(prompt):]
+
+    def _encode_general(self, ex: Example, where: str, training: bool) -> Encoded:
+        """A rendered row: prompt and continuation ids as lm-eval makes them; a prompt that does not fit keeps its
+        last tokens (as lm-eval does), a continuation that does not fit raises DataError. A generated answer is not
+        read when evaluating, so then only the prompt has to fit."""
+        if ex.messages:
+            prompt, answer = self._chat(ex, where)
+            pairs = [(prompt, answer)]
+        elif ex.kind == "generate":
+            prompt, answer = self._pair(ex.context or "", ex.delimiter + (ex.target or ""))
+            eos = self.tok.eos_token_id
+            pairs = [(prompt, answer + ([eos] if eos is not None else []))]  # trained to stop
+        elif ex.contexts:
+            pairs = [self._pair(c, ex.delimiter + a) for c, a in zip(ex.contexts, ex.choices)]
+        else:
+            pairs = [self._pair(ex.context or "", ex.delimiter + c) for c in ex.choices]
+        longest = max(len(a) for _, a in pairs) if training or ex.kind != "generate" else 0
+        if longest + 1 > self.max_length:
+            raise DataError(f"{where}: an answer needs {longest} tokens, more than data.max_length={self.max_length} "
+                            f"allows after at least one prompt token; raise data.max_length to at least {longest + 1}")
+        budget = self.max_length - longest
+        truncated = any(len(p) > budget for p, _ in pairs)
+        skip = max(0, self._content_start(ex, pairs[0][0]) - max(0, len(pairs[0][0]) - budget))
+        prompts = [p[-budget:] for p, _ in pairs]
+        answers = tuple(a for _, a in pairs)
+        label = int(ex.label) if ex.kind == "choice" else 0
+        if ex.contexts:
+            return Encoded(prompts[label], answers, label, truncated, tuple(prompts), content_start=skip)
+        return Encoded(prompts[0], answers, label, truncated, content_start=skip)
+
     def encode(self, ex: Example, split: str = "") -> Encoded:
         """Prompt and answer ids of one row; a passage that does not fit is cut, anything else raises DataError."""
         where = (ex.source or f"row idx {ex.idx}") + (f" ({split} split)" if split else "")
+        if ex.kind != "yesno":
+            return self._encode_general(ex, where, training=split == "train")
         prompt = prompt_text(ex, self.fmt)
         ids = self._ids(prompt)
         answers = tuple(self._answer_ids(prompt, ids, a) for a in candidates(self.fmt))
@@ -262,7 +511,7 @@ class Encoder:
                 budget -= len(ids) + longest - self.max_length  # re-tokenizing merged a few tokens differently
             answers = tuple(self._answer_ids(prompt, ids, a) for a in candidates(self.fmt))
             truncated = True
-        return Encoded(ids, answers, int(ex.label), truncated)
+        return Encoded(ids, answers, int(ex.label), truncated, content_start=self._content_start(ex, ids))
 
 
 def encode_all(encoder: Encoder, rows: Sequence[Example], split_name: str) -> list[Encoded]:
@@ -290,7 +539,7 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 
 def train_batch(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-padded prompt+answer rows; `targets` (B, K-1) hold the answer ids for the last K logits."""
-    seqs = [e.prompt + e.answers[e.label] for e in items]
+    seqs = [e.prompt_for(e.label) + e.answers[e.label] for e in items]
     ids, mask = _left_pad(seqs, pad_id)
     ans_len = torch.tensor([len(e.answers[e.label]) for e in items])
     keep = int(ans_len.max()) + 1
@@ -299,20 +548,23 @@ def train_batch(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     pos = torch.arange(width - keep + 1, width)  # (K-1,) positions of predicted tokens
     is_answer = pos[None, :] >= (width - ans_len)[:, None]
     targets = torch.where(is_answer, ids[:, width - keep + 1:], torch.full_like(ids[:, :keep - 1], -100))
-    plen = torch.tensor([len(e.prompt) for e in items])
+    plen = torch.tensor([len(e.prompt_for(e.label)) for e in items])
+    skip = torch.tensor([e.content_start for e in items])  # ReFT's positions start at the user's content
     return {
         "input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask),
-        "prompt_start": width - ans_len - plen, "prompt_len": plen, "targets": targets,
+        "prompt_start": width - ans_len - plen + skip, "prompt_len": plen - skip, "targets": targets,
         "logits_to_keep": torch.tensor(keep),
     }
 
 
-def prompt_batch(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded prompts for scoring or generation: every prompt ends at the last position."""
+def prompt_batch(prompts: list[list[int]], pad_id: int, content_start: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Left-padded prompts for scoring or generation: every prompt ends at the last position; ReFT's positions
+    start `content_start` tokens into each prompt."""
     ids, mask = _left_pad(prompts, pad_id)
     plen = torch.tensor([len(p) for p in prompts])
+    skip = torch.tensor(content_start if content_start is not None else [0] * len(prompts))
     return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids(mask),
-            "prompt_start": ids.shape[1] - plen, "prompt_len": plen}
+            "prompt_start": ids.shape[1] - plen + skip, "prompt_len": plen - skip}
 
 
 class BucketBatches:

@@ -66,9 +66,10 @@ def score(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int
                       disable=not rt.main):
         idx = order[start:start + batch_size]
         if fast:
-            batch = {k: v.to(device) for k, v in prompt_batch([splits[i][0] for i in idx], pad_id).items()}
+            skip = [rows[i].content_start for i in idx]
+            batch = {k: v.to(device) for k, v in prompt_batch([splits[i][0] for i in idx], pad_id, skip).items()}
             # ReFT edits the prompt only, not a shared answer prefix appended to it (as in training).
-            batch["prompt_len"] = torch.tensor([len(rows[i].prompt) for i in idx], device=device)
+            batch["prompt_len"] = torch.tensor([len(rows[i].prompt) - rows[i].content_start for i in idx], device=device)
             with rt.autocast():
                 logits = model_forward(model, batch, 1)[:, -1].float()  # (B, V)
             logp = torch.log_softmax(logits, dim=-1)
@@ -78,7 +79,7 @@ def score(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int
         else:
             cols = []
             for cand in (0, 1):
-                items = [Encoded(rows[i].prompt, rows[i].answers, cand, False) for i in idx]
+                items = [Encoded(rows[i].prompt, rows[i].answers, cand, False, content_start=rows[i].content_start) for i in idx]
                 batch = {k: v.to(device) for k, v in train_batch(items, pad_id).items()}
                 keep = int(batch.pop("logits_to_keep"))
                 with rt.autocast():
@@ -121,43 +122,94 @@ def _gather(out: list[dict[str, Any] | None], rt: Runtime) -> list[dict[str, Any
 
 
 @torch.no_grad()
-def generate(model: nn.Module, rows: list[Encoded], tokenizer: Any, *, batch_size: int, max_new_tokens: int,
-             answer_words: tuple[str, str], rt: Runtime, desc: str = "generate") -> list[dict[str, Any]]:
-    """Greedy decoding; the prediction is the first answer word (`no`/`yes` or `false`/`true`) in the text."""
+def generate_texts(model: nn.Module, rows: list[Encoded], tokenizer: Any, *, batch_size: int, max_new_tokens: int,
+                   rt: Runtime, stop: tuple[str, ...] = (), desc: str = "generate") -> list[str]:
+    """Greedy continuations of each row's prompt (special tokens dropped), in the order of `rows`; a row stops
+    early at any of the `stop` strings (the caller cuts the text there)."""
     model.eval()
     device = rt.device
-    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in answer_words) + r")\b", re.IGNORECASE)
-    out: list[dict[str, Any] | None] = [None] * len(rows)
+    out: list[str | None] = [None] * len(rows)
     inner = getattr(model, "module", model)
     mine, real = _share(list(range(len(rows))), inner, rt)
     sync = sharding.is_sharded(inner) and rt.num_processes > 1  # every process decodes until all are done
-    for start in tqdm(range(0, len(mine), batch_size), desc=desc, unit="batch", mininterval=2.0,
-                      disable=not rt.main):
+    for start in tqdm(range(0, len(mine), batch_size), desc=desc, unit="batch", mininterval=2.0, disable=not rt.main):
         ids = mine[start:start + batch_size]
         chunk = [rows[i] for i in ids]
-        batch = {k: v.to(device) for k, v in prompt_batch([r.prompt for r in chunk], pad_id=tokenizer.pad_token_id).items()}
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in prompt_batch([r.prompt for r in chunk], tokenizer.pad_token_id,
+                                                           [r.content_start for r in chunk]).items()}
+        # use_cache: the loader turns the model config's cache off for training; without it every step re-runs the
+        # whole sequence (quadratic), and ReFT's prompt edits, applied on the prompt pass only, would be lost
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True)
         if sync:
             kwargs["synced_gpus"] = True
+        if stop:
+            kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
         with rt.autocast(), sharding.root_gathered(inner):
-            if hasattr(inner, "interventions"):
-                seqs = inner.generate(batch["input_ids"], batch["attention_mask"], batch["prompt_start"], batch["prompt_len"], **kwargs)
-            else:
-                seqs = inner.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+            try:
+                seqs = _generate(inner, batch, kwargs)
+            except ValueError:  # stop_strings needs a tokenizer transformers can map strings onto (not word-level ones)
+                if not stop:
+                    raise
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("stop_strings", "tokenizer")}
+                seqs = _generate(inner, batch, kwargs)  # the caller still cuts the text at the stops
         width = batch["input_ids"].shape[1]
-        for j, (i, r, s) in enumerate(zip(ids, chunk, seqs)):
+        for j, (i, s) in enumerate(zip(ids, seqs)):
             if start + j >= real:
                 break  # padding (FSDP): decoded by another process
-            text = tokenizer.decode(s[width:], skip_special_tokens=True)
-            m = pattern.search(text)
-            pred = None if m is None else m.group(1).lower() == answer_words[1]
-            out[i] = {"label": bool(r.label), "pred": pred, "text": text}
+            out[i] = tokenizer.decode(s[width:], skip_special_tokens=True)
     return _gather(out, rt)
+
+
+def _generate(inner: nn.Module, batch: dict[str, torch.Tensor], kwargs: dict[str, Any]) -> torch.Tensor:
+    if hasattr(inner, "interventions"):
+        return inner.generate(batch["input_ids"], batch["attention_mask"], batch["prompt_start"], batch["prompt_len"], **kwargs)
+    return inner.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+
+
+def generate(model: nn.Module, rows: list[Encoded], tokenizer: Any, *, batch_size: int, max_new_tokens: int,
+             answer_words: tuple[str, str], rt: Runtime, desc: str = "generate") -> list[dict[str, Any]]:
+    """BoolQ by greedy decoding: the prediction is the first answer word (`no`/`yes` or `false`/`true`) in the text."""
+    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in answer_words) + r")\b", re.IGNORECASE)
+    texts = generate_texts(model, rows, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens, rt=rt, desc=desc)
+    out = []
+    for r, text in zip(rows, texts):
+        m = pattern.search(text)
+        out.append({"label": bool(r.label), "pred": None if m is None else m.group(1).lower() == answer_words[1],
+                    "text": text})
+    return out
+
+
+def is_correct(p: dict[str, Any]) -> bool:
+    """A prediction is right: generation records say so (`correct`, exact match), others compare `pred` with `label`;
+    an unparseable answer (pred None) is wrong."""
+    if "correct" in p:
+        return bool(p["correct"])
+    return p["pred"] is not None and p["pred"] == p["label"]
 
 
 def accuracy(preds: list[dict[str, Any]]) -> dict[str, Any]:
     """Accuracy, its 95% interval and counts; an unparseable generation counts as wrong."""
     n = len(preds)
-    correct = sum(1 for p in preds if p["pred"] is not None and p["pred"] == p["label"])
+    correct = sum(1 for p in preds if is_correct(p))
     lo, hi = wilson_interval(correct, n)
     return {"accuracy": correct / n if n else 0.0, "ci95": [lo, hi], "n": n, "correct": correct}
+
+
+def task_metrics(preds: list[dict[str, Any]], acc_norm_tasks: set[str]) -> dict[str, dict[str, Any]]:
+    """Per task (predictions carry `task`): accuracy with its interval and counts, lm-eval's acc_norm where the
+    task reports it, the unparseable count of generative tasks, and the chance baseline (1 / choices)."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for p in preds:
+        by.setdefault(p.get("task", "boolq"), []).append(p)
+    out = {}
+    for task, ps in by.items():
+        m = accuracy(ps)
+        if task in acc_norm_tasks and all(p.get("pred_norm") is not None for p in ps):
+            m["acc_norm"] = sum(p["pred_norm"] == p["label"] for p in ps) / len(ps)
+        if any("correct" in p for p in ps):
+            m["unparseable"] = sum(p["pred"] is None for p in ps)
+            m["chance"] = 0.0
+        else:
+            m["chance"] = sum(1 / len(p["lls"]) if "lls" in p else 0.5 for p in ps) / len(ps)
+        out[task] = m
+    return out

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import __version__, flops, lora, sharding
 from .config import RunConfig, StageConfig, stage_dir_name
-from .data import Encoded, Encoder, Example, encode_all, load_splits, majority_label
+from .data import Encoded, Encoder, Example, encode_all, load_splits, majority_choice, majority_label
 from .errors import CheckpointError, ConfigError
 from .evaluate import accuracy, generate, score
 from .model import decoder_layers, fingerprint, fingerprint_differences, hidden_size, load_model, unwrap
@@ -90,23 +90,60 @@ class Session:
     def encoder(self, max_length: int | None = None) -> Encoder:
         length = max_length or self.cfg.data.max_length
         if length not in self._encoders:
-            self._encoders[length] = Encoder(self.tokenizer, self.cfg.data.prompt_format, length)
+            self._encoders[length] = Encoder(self.tokenizer, self.cfg.data.prompt_format, length,
+                                             self.cfg.reft.positions.first_from)
         return self._encoders[length]
 
     def evaluate(self, rows: list[Example]) -> list[dict[str, Any]]:
-        """One prediction per row, in order: {label, pred, p_yes, lp_no, lp_yes | text, idx, truncated}."""
+        """One prediction per row, in order. BoolQ: {label, pred, p_yes, lp_no, lp_yes | text, idx, truncated};
+        scored choices: {label, pred, pred_norm, lls, idx, task, truncated}; generation: {label (the gold answer),
+        pred (the extracted answer or None), text, correct, idx, task, truncated}."""
         enc = self.encoder()
-        encoded = [enc.encode(r) for r in rows]
+        encoded = [enc.encode(r, self.cfg.data.eval_split) for r in rows]
         e = self.cfg.eval
+        if any(r.kind != "yesno" for r in rows):
+            return self._evaluate_tasks(rows, encoded)
         if e.method == "generate":
             words = ("no", "yes") if self.cfg.data.prompt_format == "passage" else ("false", "true")
-            preds = generate(self.top, encoded, self.tokenizer, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+            preds = generate(self.top, encoded, self.tokenizer, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens or 4,
                              answer_words=words, rt=self.rt)
         else:
             preds = score(self.top, encoded, batch_size=e.batch_size, pad_id=self.tokenizer.pad_token_id, rt=self.rt)
         for p, r, x in zip(preds, rows, encoded):
             p["idx"] = r.idx
             p["truncated"] = x.truncated
+        return preds
+
+
+    def _evaluate_tasks(self, rows: list[Example], encoded: list[Encoded]) -> list[dict[str, Any]]:
+        """Rows of general tasks: choices scored by log-likelihood (lm-eval's acc and acc_norm), generative rows
+        decoded greedily and matched after extracting the answer."""
+        from .choices import score_choices
+        from .extract import GSM8K_STOPS, Extractor, exact_match, extract, stop_at
+        from .evaluate import generate_texts
+
+        e = self.cfg.eval
+        preds: list[dict[str, Any]] = [{} for _ in rows]
+        chosen = [i for i, r in enumerate(rows) if r.kind == "choice"]
+        if chosen:
+            got = score_choices(self.top, [encoded[i] for i in chosen], [[len(c) for c in rows[i].choices] for i in chosen],
+                                batch_size=e.batch_size, pad_id=self.tokenizer.pad_token_id, rt=self.rt)
+            for i, p in zip(chosen, got):
+                preds[i] = {k: p[k] for k in ("label", "pred", "pred_norm", "lls")}
+        generated = [i for i, r in enumerate(rows) if r.kind == "generate"]
+        if generated:
+            stops = GSM8K_STOPS if any(rows[i].task == "gsm8k" for i in generated) else ()
+            texts = generate_texts(self.top, [encoded[i] for i in generated], self.tokenizer, batch_size=e.batch_size,
+                                   max_new_tokens=e.max_new_tokens or 256, rt=self.rt, stop=stops)
+            for i, text in zip(generated, texts):
+                task = rows[i].task
+                kind = e.extractor if e.extractor != "auto" else ("after_hash" if task == "gsm8k" else "full")
+                ex = Extractor(kind, pattern=e.pattern if kind == "regex" else None)
+                text = stop_at(text, GSM8K_STOPS) if task == "gsm8k" else text
+                pred = extract(text, ex)
+                preds[i] = {"label": rows[i].gold, "pred": pred, "text": text, "correct": exact_match(pred, rows[i].gold or "", ex)}
+        for p, r, x in zip(preds, rows, encoded):
+            p.update(idx=r.idx, task=r.task, truncated=x.truncated)
         return preds
 
 
@@ -346,11 +383,11 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
         elif every:
             tracker.record(0, None, 0.0, None, acc)  # the untrained model: the curves' epoch-0 point
         tracker.close()
-        majority = majority_label(splits.train) if splits.train else True
+        majority, baseline, per_task = _baselines(cfg, splits.train, splits.eval, preds)
         metrics = Metrics(
             strategy=cfg.label(), accuracy=acc["accuracy"], ci95=acc["ci95"], n=acc["n"], correct=acc["correct"],
-            eval_split=cfg.data.eval_split, majority_label=majority,
-            majority_baseline=sum(r.label == majority for r in splits.eval) / len(splits.eval),
+            eval_split=cfg.data.eval_split, majority_label=majority, majority_baseline=baseline,
+            tasks=per_task, macro_accuracy=(sum(t["accuracy"] for t in per_task.values()) / len(per_task)) if per_task else None,
             trainable_params=sum(r.trainable_params for r in records), train_seconds=round(tracker.seconds, 2),
             epochs=round(tracker.epochs, 6), train_tokens=tracker.tokens, train_flops=tracker.flops_done,
             train_rows=len(splits.train), stages=records)
@@ -363,6 +400,35 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
         return metrics
     finally:
         output.close()
+
+
+def _baselines(cfg: RunConfig, train: list[Example], evaluation: list[Example], preds: list[dict[str, Any]]
+               ) -> tuple[Any, float, dict[str, dict[str, Any]] | None]:
+    """(majority label, majority baseline, per-task metrics). BoolQ: the training majority (True on ties) and its
+    accuracy on the evaluation rows. General tasks: per task, the most frequent gold choice in training (the
+    constant predictor; none for generation), its accuracy, the chance baseline and the task's own metrics;
+    the run's baseline is their mean over tasks."""
+    from .evaluate import task_metrics
+    from .tasks import TASKS
+
+    if all(r.kind == "yesno" for r in evaluation):
+        majority = majority_label(train) if train else True
+        return majority, sum(r.label == majority for r in evaluation) / len(evaluation), None
+    acc_norm = {n for n, t in TASKS.items() if t.acc_norm} | ({"local"} if cfg.data.format == "multiple_choice" else set())
+    per_task = task_metrics(preds, acc_norm)
+    majority: dict[str, int | None] = {}
+    for task, m in per_task.items():
+        rows = [r for r in evaluation if r.task == task]
+        seen = [r for r in train if r.task == task and r.kind == "choice"]
+        label = majority_choice(seen) if seen else (majority_choice(rows) if rows[0].kind == "choice" else None)
+        majority[task] = label
+        m["majority_label"] = label
+        m["majority_baseline"] = sum(r.label == label for r in rows) / len(rows) if label is not None else 0.0
+        if task in TASKS:
+            m["comparable"] = TASKS[task].comparable
+            if TASKS[task].note:
+                m["note"] = TASKS[task].note
+    return majority, sum(m["majority_baseline"] for m in per_task.values()) / len(per_task), per_task
 
 
 def _fresh_session(cfg: RunConfig, run: RunFolder, count: int) -> Session:

@@ -103,7 +103,8 @@ class Metrics(Record):
     n: int
     correct: int
     eval_split: str
-    majority_label: bool
+    majority_label: bool | int | dict[str, int | None]
+    """BoolQ: the training majority answer; general tasks: per task, the most frequent gold choice in training."""
     majority_baseline: float
     trainable_params: int
     train_seconds: float
@@ -112,6 +113,12 @@ class Metrics(Record):
     train_flops: float
     train_rows: int
     stages: list[StageRecord]
+    tasks: dict[str, dict[str, Any]] | None = optional()
+    """General tasks: per task, accuracy (lm-eval's acc), acc_norm where the task reports it, n, interval,
+    chance and majority baselines, unparseable answers (generation), and whether the numbers are comparable
+    to published ones."""
+    macro_accuracy: float | None = optional()
+    """General tasks: the mean of the per-task accuracies."""
 
     def to_json(self) -> dict[str, Any]:
         raw = super().to_json()

@@ -266,7 +266,8 @@ class ReftModel(nn.Module):
     def reft_config_dict(self) -> dict[str, Any]:
         return {
             "kind": self.cfg.kind, "rank": self.cfg.rank, "layers": self.layer_ids,
-            "positions": {"first": self.cfg.positions.first, "last": self.cfg.positions.last},
+            "positions": {"first": self.cfg.positions.first, "last": self.cfg.positions.last,
+                          "first_from": self.cfg.positions.first_from},
             "tied": self.cfg.tied, "init": self.cfg.init, "dropout": self.cfg.dropout,
             "hidden_size": self.hidden_size, "num_layers": self.num_layers, "heft_version": __version__,
         }
@@ -281,6 +282,7 @@ class ReftModel(nn.Module):
         tmp = io.atomic_file(folder / REFT_WEIGHTS)
         try:
             save_file(tensors, str(tmp), metadata={"format": "heft-reft"})
+            io.user_mode(tmp)  # safetensors writes 0600 files whatever the umask
             os.replace(tmp, folder / REFT_WEIGHTS)
         finally:
             tmp.unlink(missing_ok=True)

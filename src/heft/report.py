@@ -30,7 +30,31 @@ def _budget(cfg: RunConfig) -> str:
 
 
 def _correct(preds: list[dict[str, Any]]) -> list[bool]:
-    return [p["pred"] is not None and p["pred"] == p["label"] for p in preds]
+    from .evaluate import is_correct
+
+    return [is_correct(p) for p in preds]
+
+
+def _majority_of(majority: Any, pred: dict[str, Any]) -> Any:
+    """The majority predictor's answer for one row: BoolQ's one label, or its task's."""
+    return majority.get(pred.get("task")) if isinstance(majority, dict) else majority
+
+
+def _per_task(ms: list[Any]) -> dict[str, Any] | None:
+    """Per task, over seeds: mean accuracy (and acc_norm), n, baselines, comparability."""
+    if not ms[0].tasks:
+        return None
+    out = {}
+    for task, first in ms[0].tasks.items():
+        accs = [m.tasks[task]["accuracy"] for m in ms]
+        row = {"accuracy_per_seed": accs, **mean_interval(accs), "n": first["n"], "chance": first["chance"],
+               "majority_baseline": first["majority_baseline"], "comparable": first.get("comparable"), "note": first.get("note")}
+        if "acc_norm" in first:
+            row["acc_norm"] = float(np.mean([m.tasks[task]["acc_norm"] for m in ms]))
+        if "unparseable" in first:
+            row["unparseable"] = float(np.mean([m.tasks[task]["unparseable"] for m in ms]))
+        out[task] = row
+    return out
 
 
 def build_report(study: StudyFolder, configs: dict[str, RunConfig], seeds: list[int], targets: list[float]) -> dict[str, Any]:
@@ -58,7 +82,8 @@ def build_report(study: StudyFolder, configs: dict[str, RunConfig], seeds: list[
     report: dict[str, Any] = {
         "seeds": seeds, "n": len(ref_idx), "eval_split": first.eval_split,
         "model": configs[ref_name].model.name_or_path, "train_rows": majority.train_rows,
-        "majority_label": "yes" if majority.majority_label else "no", "majority_baseline": majority.majority_baseline,
+        "majority_label": ({True: "yes", False: "no"}[majority.majority_label] if isinstance(majority.majority_label, bool)
+                           else majority.majority_label), "majority_baseline": majority.majority_baseline,
         "strategies": {}, "pairs": [], "epochs": {}, "targets": [], "shared_stages": {}, "reft_edit_norms": {},
     }
     for name, cfg in configs.items():
@@ -74,6 +99,10 @@ def build_report(study: StudyFolder, configs: dict[str, RunConfig], seeds: list[
             "train_seconds": float(np.mean([m.train_seconds for m in ms])),
             "train_flops": float(np.mean([m.train_flops for m in ms])),
         }
+        tasks = _per_task(ms)
+        if tasks is not None:
+            macro = [m.macro_accuracy for m in ms]
+            report["strategies"][name].update(tasks=tasks, macro_per_seed=macro, macro=float(np.mean(macro)))
         reused = [st for m in ms for st in m.stages if st.reused_from]
         if reused:
             report["shared_stages"][name] = {"from": sorted({st.reused_from for st in reused}),
@@ -91,7 +120,7 @@ def build_report(study: StudyFolder, configs: dict[str, RunConfig], seeds: list[
         if not configs[name].stages:
             continue
         ca = np.array([runs[name][s]["correct"] for s in seeds])
-        cm = np.array([[p["label"] == majority.majority_label for p in runs[name][s]["preds"]] for s in seeds])
+        cm = np.array([[p["label"] == _majority_of(majority.majority_label, p) for p in runs[name][s]["preds"]] for s in seeds])
         report["pairs"].append({
             "a": name, "b": "majority", "bootstrap": paired_bootstrap(ca, cm),
             "mcnemar": {str(s): mcnemar_exact(list(ca[k]), list(cm[k])) for k, s in enumerate(seeds)},
@@ -211,9 +240,12 @@ def console_table(r: dict[str, Any]) -> str:
     seeds = r["seeds"]
     title = (f"Accuracy on {r['n']} {r['eval_split']} rows" + (f", mean ± std over seeds {seeds}" if len(seeds) > 1 else "")
              + f" (majority baseline {_pct(r['majority_baseline'])})")
-    rows = [[n, _accuracy(s), _interval(s), f"{s['trainable_params']:,}", f"{s['epochs']:g}", f"{s['train_seconds']:.0f}"]
-            for n, s in r["strategies"].items()]
-    return "\n".join([title, ""] + markdown_table(["strategy", "accuracy", "95% CI", "trainable params", "epochs", "train s"], rows))
+    tasks = "macro" in next(iter(r["strategies"].values()))
+    rows = [[n, _accuracy(s), _interval(s)] + ([_pct(s["macro"])] if tasks else [])
+            + [f"{s['trainable_params']:,}", f"{s['epochs']:g}", f"{s['train_seconds']:.0f}"] for n, s in r["strategies"].items()]
+    header = ["strategy", "accuracy (all rows)" if tasks else "accuracy", "95% CI"] + (["macro average"] if tasks else []) + \
+        ["trainable params", "epochs", "train s"]
+    return "\n".join([title, ""] + markdown_table(header, rows) + _task_section(r))
 
 
 def summary_markdown(r: dict[str, Any]) -> str:
@@ -224,13 +256,39 @@ def summary_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _task_section(r: dict[str, Any]) -> list[str]:
+    """Per-task accuracy of every strategy, with the tasks' baselines, and the macro average."""
+    first = next(iter(r["strategies"].values()))
+    if "tasks" not in first:
+        return []
+    tasks = list(first["tasks"])
+    lines = ["", "## Per task (accuracy: lm-eval's acc, mean over seeds; acc_norm where the task reports it)", ""]
+    header = ["strategy"] + tasks + ["macro average"]
+    rows = [[name] + [_pct(s["tasks"][t]["mean"]) + (f" (norm {_pct(s['tasks'][t]['acc_norm'])})" if "acc_norm" in s["tasks"][t]
+                                                     else "") for t in tasks] + [_pct(s["macro"])]
+            for name, s in r["strategies"].items()]
+    rows.append(["chance"] + [_pct(first["tasks"][t]["chance"]) for t in tasks] + [""])
+    rows.append(["majority"] + [_pct(first["tasks"][t]["majority_baseline"]) for t in tasks] + [""])
+    rows.append(["rows"] + [str(first["tasks"][t]["n"]) for t in tasks] + [""])
+    lines += markdown_table(header, rows)
+    not_comparable = [t for t in tasks if not first["tasks"][t].get("comparable")]
+    if not_comparable:
+        lines += ["", f"Not comparable to published numbers: {', '.join(not_comparable)}. The offline copies hold no "
+                  "training split of these tasks, so heft trains on a fixed half of the evaluated split and scores the "
+                  "other half" + "".join(f"; {t}: {first['tasks'][t]['note']}" for t in not_comparable if first["tasks"][t].get("note"))
+                  + " (heft.tasks)."]
+    return lines
+
+
 def report_markdown(r: dict[str, Any]) -> str:
     seeds = r["seeds"]
     many = len(seeds) > 1
     lines = [
         f"# Strategy comparison: {r['model']}, {len(seeds)} seed(s) {seeds}", "",
-        f"Evaluation: {r['n']} rows of the {r['eval_split']} split; {r['train_rows']} training rows. "
-        f"Majority baseline (always \"{r['majority_label']}\", the training majority): {_pct(r['majority_baseline'])}.", "",
+        f"Evaluation: {r['n']} rows of the {r['eval_split']} split; {r['train_rows']} training rows. " +
+        (f"Majority baseline (always \"{r['majority_label']}\", the training majority): {_pct(r['majority_baseline'])}."
+         if isinstance(r["majority_label"], str) else
+         f"Majority baseline (each task's most frequent training answer), mean over tasks: {_pct(r['majority_baseline'])}."), "",
         "## Final accuracy", "",
     ]
     lines += markdown_table(
@@ -240,6 +298,7 @@ def report_markdown(r: dict[str, Any]) -> str:
           {True: "yes", False: "no", None: "n/a"}[s["above_majority"]], f"{s['trainable_params']:,}",
           f"{s['train_tokens']:,.0f}", f"{s['train_seconds']:.0f}", _sci(s["train_flops"])]
          for name, s in r["strategies"].items()])
+    lines += _task_section(r)
     lines += ["", "\"above majority?\": the lower end of the 95% interval of the mean over seeds is above the majority "
               "baseline. Budgets are per strategy and listed in epochs of the training rows at the stated learning rate."]
     if r["shared_stages"]:

@@ -69,7 +69,11 @@ def run_study(path: Path, out: Path, overrides: list[tuple[str, str]], *, seeds:
     output = Output.open(out, overwrite=overwrite, continuing=continuing, folder=lambda p: StudyFolder(p, flat),
                          what="study folder", main=is_main_process())
     try:
-        for data in {c.data for c in configs.values()}:
+        datas: list = []
+        for c in configs.values():
+            if c.data not in datas:
+                datas.append(c.data)
+        for data in datas:
             load_splits(data)  # every data row checked before the first write
         if is_main_process():
             output.begin()

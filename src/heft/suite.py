@@ -22,6 +22,26 @@ def default_suite_path() -> Path:
     return Path(__file__).parent / "suites" / "default.yaml"
 
 
+def embedded_suites() -> list[str]:
+    """Names of the suites shipped with heft (`heft run --suite NAME`)."""
+    return sorted(p.stem for p in (Path(__file__).parent / "suites").glob("*.yaml"))
+
+
+def suite_path(config: str | None, suite: str | None) -> Path:
+    """The suite file from --config FILE or --suite NAME (neither: the default BoolQ suite)."""
+    if config and suite:
+        raise ConfigError("--config and --suite: give one (a suite file, or the name of an embedded suite)")
+    if suite:
+        if suite not in embedded_suites():
+            import difflib
+
+            close = difflib.get_close_matches(suite, embedded_suites(), n=2)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"--suite: no embedded suite {suite!r}{hint}; embedded: {', '.join(embedded_suites())}")
+        return Path(__file__).parent / "suites" / f"{suite}.yaml"
+    return Path(config) if config else default_suite_path()
+
+
 def read_suite(path: Path, overrides: list[tuple[str, str]]) -> dict[str, RunConfig]:
     """Strategy name -> resolved RunConfig."""
     if not path.is_file():
