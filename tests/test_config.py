@@ -9,10 +9,8 @@ import yaml
 
 from heft import config
 from heft.config import (
-    DataConfig,
     LoraConfig,
     PositionsConfig,
-    ReftConfig,
     RunConfig,
     StageConfig,
     apply_override,

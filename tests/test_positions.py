@@ -3,10 +3,8 @@ content, after a BOS token or a chat template's fixed header, in training, scori
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
-import torch
 
 from heft.data import Encoded, Encoder, parse_general, prompt_batch, train_batch
 

@@ -3,9 +3,7 @@ random Llama, plus the Wilson interval and accuracy counting."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch

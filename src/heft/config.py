@@ -245,14 +245,21 @@ class RunConfig:
 # ----------------------------------------------------------------------------- building and checking
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
+    """A type annotation as a user reads it: `float | None`, `'auto' | 'fp32'`, `list of int | 'all'`."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
     if origin is tuple:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
+        return f"list of {type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping of {} to {}".format(*(type_name(a) for a in typing.get_args(tp)))
+    if tp is type(None):
+        return "None"
+    if dataclasses.is_dataclass(tp):
+        return "section"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -266,11 +273,11 @@ def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             out = _coerce(value, option, where, sub)
             if not sub:
                 return out
-        errors.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        errors.append(f"{where}: expected {type_name(tp)}, got {value!r}")
         return value
     if origin is Literal:
         if value not in typing.get_args(tp):
-            errors.append(f"{where}: must be one of {_type_name(tp)}, got {value!r}")
+            errors.append(f"{where}: must be one of {type_name(tp)}, got {value!r}")
         return value
     if tp is type(None):
         if value is not None:
@@ -345,8 +352,9 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     need(d.dev_size >= 0, f"data.dev_size: must be >= 0, got {d.dev_size}")
     need(d.train_size is None or d.train_size > 0, f"data.train_size: must be positive or null, got {d.train_size}")
     need(d.eval_size is None or d.eval_size > 0, f"data.eval_size: must be positive or null, got {d.eval_size}")
-    if d.source == "builtin":
+    if d.source == "builtin" or d.tasks:
         need(len(d.tasks) > 0, "data.tasks: list the built-in tasks with data.source: builtin, e.g. `[{name: arc_easy}]`")
+        need(d.source in ("builtin", "hub"), "data.tasks: read with data.source: builtin (offline) or hub (official splits)")
         from .tasks import TASKS
         import difflib
         for i, t in enumerate(d.tasks):
@@ -358,8 +366,6 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
             need(t.eval_size is None or t.eval_size > 0, f"data.tasks[{i}].eval_size: must be positive or null")
         names = [t.name for t in d.tasks]
         need(len(set(names)) == len(names), f"data.tasks: a task is listed twice in {names}")
-    else:
-        need(not d.tasks, "data.tasks: only read with data.source: builtin")
     need(d.source == "local" or (d.format == "boolq" and not d.columns),
          "data.format / data.columns: describe local files; set data.source: local (or remove them)")
     need(cfg.eval.extractor != "regex" or bool(cfg.eval.pattern), "eval.pattern: required with eval.extractor: regex")

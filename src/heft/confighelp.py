@@ -14,12 +14,11 @@ import functools
 import inspect
 import re
 import textwrap
-import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any
 
-from .config import RunConfig
+from .config import RunConfig, type_name
 
 STAGES_ITEM = "stages[]"  # the path prefix of a stage's fields: `stages[].lr`
 
@@ -55,22 +54,6 @@ def field_docstrings(cls: type) -> dict[str, str]:
                 and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
             docs[stmt.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
     return docs
-
-
-def type_name(tp: Any) -> str:
-    """A type annotation as a user reads it: `float | None`, `'auto' | 'fp32'`, `list of int | 'all'`."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " | ".join(type_name(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        return f"list of {type_name(typing.get_args(tp)[0])}"
-    if tp is type(None):
-        return "None"
-    if dataclasses.is_dataclass(tp):
-        return "section"
-    return getattr(tp, "__name__", str(tp))
 
 
 def yaml_value(value: Any) -> str:

@@ -280,20 +280,30 @@ def _builtin_splits(cfg: DataConfig, with_train: bool) -> tuple[list[Example], l
     from .assets import tasks_dir
     from .tasks import carve, spec
 
-    folder = tasks_dir()
+    hub = cfg.source == "hub"
+    folder = None if hub else tasks_dir()
     train: list[Example] = []
     dev: list[Example] = []
     evaluation: list[Example] = []
     for t in cfg.tasks:
         sp = spec(t.name)
-        pool_file = folder / t.name / "pool.jsonl"
-        rows = read_rows(pool_file, fmt="rendered", task=t.name)
-        if sp.eval is not None:  # a separate evaluated split: train on the whole pool, in a fixed shuffled order
+        if hub:  # the official training and evaluated splits
+            from .tasks import HUB, hub_rows
+
+            where = f"{HUB[t.name][0]}[%s] row %d"
+            rows = [parse_general(r, where % ("train", i), "rendered", t.name, i) for i, r in enumerate(hub_rows(t.name, "train"))]
+            held = [parse_general(r, where % ("eval", i), "rendered", t.name, i) for i, r in enumerate(hub_rows(t.name, "eval"))]
+            order = list(range(len(rows)))
+            random.Random(DEV_SPLIT_SEED).shuffle(order)
+            pool = [rows[i] for i in order]
+        elif sp.eval is not None:  # a separate evaluated split: train on the whole pool, in a fixed shuffled order
+            rows = read_rows(folder / t.name / "pool.jsonl", fmt="rendered", task=t.name)
             held = read_rows(folder / t.name / "eval.jsonl", fmt="rendered", task=t.name)
             order = list(range(len(rows)))
             random.Random(DEV_SPLIT_SEED).shuffle(order)
             pool = [rows[i] for i in order]
         else:
+            rows = read_rows(folder / t.name / "pool.jsonl", fmt="rendered", task=t.name)
             pool_idx, held_idx = carve(len(rows))
             pool, held = [rows[i] for i in pool_idx], [rows[i] for i in held_idx]
         n_dev = min(cfg.dev_size, len(pool) // 4)
@@ -317,7 +327,7 @@ def _hub_split(split: str) -> list[Example]:
 def load_splits(cfg: DataConfig, with_train: bool = True) -> Splits:
     """Train (minus dev, optionally subsampled), dev, and the evaluation rows, as the config says."""
     need_passage = cfg.prompt_format == "passage"
-    if cfg.source == "builtin":
+    if cfg.source == "builtin" or (cfg.source == "hub" and cfg.tasks):
         train, dev, evaluation = _builtin_splits(cfg, with_train)
         return Splits(train, dev, dev if cfg.eval_split == "dev" else evaluation)
     if cfg.source == "boolq":

@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from . import __version__, flops, lora, sharding
-from .config import RunConfig, StageConfig, stage_dir_name
+from .config import RunConfig, StageConfig
 from .data import Encoded, Encoder, Example, encode_all, load_splits, majority_choice, majority_label
 from .errors import CheckpointError, ConfigError
 from .evaluate import accuracy, generate, score
 from .model import decoder_layers, fingerprint, fingerprint_differences, hidden_size, load_model, unwrap
-from .records import EpochRecord, Metrics, StageProgress, StageRecord
+from .records import Metrics, StageProgress, StageRecord
 from .reft import ReftModel, check_fits, no_decay_names
 from .runfolder import Output, RunFolder
 from .runtime import Runtime, is_main_process, make_runtime
@@ -424,9 +424,9 @@ def _baselines(cfg: RunConfig, train: list[Example], evaluation: list[Example], 
         majority[task] = label
         m["majority_label"] = label
         m["majority_baseline"] = sum(r.label == label for r in rows) / len(rows) if label is not None else 0.0
-        if task in TASKS:
-            m["comparable"] = TASKS[task].comparable
-            if TASKS[task].note:
+        if task in TASKS:  # from the hub: the official splits; offline: see heft.tasks
+            m["comparable"] = cfg.data.source == "hub" or TASKS[task].comparable
+            if TASKS[task].note and cfg.data.source != "hub":
                 m["note"] = TASKS[task].note
     return majority, sum(m["majority_baseline"] for m in per_task.values()) / len(per_task), per_task
 

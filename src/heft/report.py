@@ -319,8 +319,9 @@ def report_markdown(r: dict[str, Any]) -> str:
               "how much the difference depends on which questions were asked; McNemar's test counts the rows only one "
               "strategy gets right, per seed. Neither corrects for the number of pairs compared. B = `majority` is "
               "the majority baseline as a predictor (always the training majority label) on the same rows."]
-    lines += ["", "## Accuracy after each epoch (mean over seeds)", ""]
-    lines += markdown_table(
+    if any(r["epochs"].values()):
+        lines += ["", "## Accuracy after each epoch (mean over seeds)", ""]
+    lines += [] if not any(r["epochs"].values()) else markdown_table(
         ["strategy", "epoch", "stage", "accuracy", "per seed", "est. FLOPs", "train s"],
         [[name, f"{p['epoch']:g}", f"{p['stage']} ({p['method'] or 'base'})", _accuracy(p),
           ", ".join(_pct(a) for a in p["accuracy_per_seed"]), _sci(p["flops"]), f"{p['train_seconds']:.0f}"]

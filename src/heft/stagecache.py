@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import io
-from .config import RunConfig, StageConfig, to_dict
+from .config import RunConfig, to_dict
 from .records import EpochRecord, StageRecord
 
 logger = logging.getLogger(__name__)

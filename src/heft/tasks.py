@@ -162,6 +162,46 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
 )}
 
 
+# With `source: hub`: (dataset, config, training split, evaluated split) as lm-eval loads them, rendered with the
+# same functions as the offline copies (whose rows have the hub's schema); boolq and gsm8k rows are read from
+# their hub schema by their own renderers below.
+HUB: dict[str, tuple[str, str | None, str, str]] = {
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "train", "test"),
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "train", "test"),
+    "openbookqa": ("allenai/openbookqa", "main", "train", "test"),
+    "boolq": ("aps/super_glue", "boolq", "train", "validation"),
+    "piqa": ("ybisk/piqa", None, "train", "validation"),
+    "siqa": ("allenai/social_i_qa", None, "train", "validation"),
+    "hellaswag": ("Rowan/hellaswag", None, "train", "validation"),
+    "winogrande": ("allenai/winogrande", "winogrande_xl", "train", "validation"),
+    "commonsense_qa": ("tau/commonsense_qa", None, "train", "validation"),
+    "sciq": ("allenai/sciq", None, "train", "test"),
+    "gsm8k": ("openai/gsm8k", "main", "train", "test"),
+}
+
+
+def _boolq_hub(r: dict) -> dict:  # super_glue rows: passage with its "Title -- " prefix, label 0/1
+    return {"context": f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", "choices": ["no", "yes"],
+            "label": int(r["label"])}
+
+
+def hub_rows(name: str, split: str) -> list[dict[str, Any]]:
+    """A task's official split from the Hugging Face hub (`datasets`), rendered as lm-eval renders it."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError("data.source: hub needs the datasets package (`pip install heft[hub]`)") from None
+    path, config, train, evaluated = HUB[name]
+    rows = datasets.load_dataset(path, config, split=train if split == "train" else evaluated)
+    render = {"boolq": _boolq_hub}.get(name, TASKS[name].render)
+    out = []
+    for i, r in enumerate(rows):
+        row = render(dict(r))
+        check_row(row, f"{path}[{split}] row {i}")
+        out.append({"id": i, **row})
+    return out
+
+
 def spec(name: str, where: str = "data.tasks") -> TaskSpec:
     """The built-in task `name`, or a ConfigError with the closest names."""
     if name not in TASKS:
