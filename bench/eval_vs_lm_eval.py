@@ -82,6 +82,13 @@ def run_heft(spec: dict) -> dict:
 def run_lm_eval(spec: dict) -> dict:
     from importlib import metadata
 
+    # lm-eval 0.4.13 no longer pulls torch/transformers into its venv, and `--system-site-packages` only
+    # shows the base interpreter's packages: put heft's site-packages last, so lm-eval's own packages win
+    # and both sides run the same torch and transformers.
+    for p in spec.get("heft_site_packages", []):
+        if p not in sys.path:
+            sys.path.append(p)
+
     import lm_eval
     import torch
     import yaml
@@ -162,8 +169,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_file = Path(tmp) / "boolq_validation.jsonl"
         rows = write_rows(args.rows, data_file)
+        import torch
+        import transformers
+
+        site = sorted({str(Path(m.__file__).resolve().parent.parent) for m in (torch, transformers)})
         spec = {"model_path": model_path, "rows": args.rows, "batch_size": args.batch_size, "dtype": args.dtype,
-                "device": args.device, "data_file": str(data_file)}
+                "device": args.device, "data_file": str(data_file), "heft_site_packages": site}
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ, HF_DATASETS_CACHE=str(Path(tmp) / "hf-datasets"), HF_HUB_OFFLINE="1",

@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, event, given, reject, settings
 from hypothesis import strategies as st
 
 from heft.cli import main
-from heft.config import (DataConfig, EvalConfig, LoraConfig, ModelConfig, PositionsConfig, ReftConfig, RunConfig,
+from heft.config import (DataConfig, TaskConfig, EvalConfig, LoraConfig, ModelConfig, PositionsConfig, ReftConfig, RunConfig,
                          StageConfig, read_yaml)
 
 _FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=False,
@@ -268,7 +268,7 @@ def test_malformed_data_rows_are_refused_before_any_write(world, tmp_path, capsy
 
 SECTIONS = {"": RunConfig, "model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "reft": ReftConfig,
             "reft.positions": PositionsConfig, "eval": EvalConfig, "stages.0": StageConfig}
-DATACLASSES = tuple(SECTIONS.values())
+DATACLASSES = tuple(SECTIONS.values()) + (TaskConfig,)
 
 
 def _matches(value: Any, tp: Any) -> bool:
@@ -280,6 +280,9 @@ def _matches(value: Any, tp: Any) -> bool:
         return any(value == a and type(value) is type(a) for a in typing.get_args(tp))
     if origin is tuple:
         return isinstance(value, list) and all(_matches(v, typing.get_args(tp)[0]) for v in value)
+    if origin is dict:
+        key, val = typing.get_args(tp)
+        return isinstance(value, dict) and all(_matches(k, key) and _matches(v, val) for k, v in value.items())
     if tp in DATACLASSES:
         return value is None or isinstance(value, dict)  # what is inside is checked field by field
     if tp is type(None):

@@ -554,3 +554,16 @@ def test_gsm8k_twenty_rows_end_to_end_on_smollm2(tmp_path):
     for p in preds:
         if p["pred"] is not None:
             assert f"#### {p['pred']}" in p["text"].replace(",", "").replace("$", "") or p["pred"] in p["text"]
+
+
+def test_predict_with_choices_and_generation(mc_runs, capsys):
+    """`heft predict RUN --question PROMPT --choices ...` scores the choices (marking the most likely) with the run's
+    adapters; `--generate` prints the greedy continuation."""
+    run = mc_runs["reft"]
+    capsys.readouterr()
+    assert main(["predict", str(run), "--question", "Question: do cats sleep ?\nAnswer:", "--choices", "yes", "no"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and sum(line.startswith("*") for line in lines) == 1
+    assert all("log-likelihood -" in line for line in lines)
+    assert main(["predict", str(run), "--question", "Question: do cats sleep ?\nAnswer:", "--generate"]) == 0
+    assert main(["predict", str(run), "--question", "q", "--choices", "only"]) == 2

@@ -127,10 +127,24 @@ def cmd_eval(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
 def cmd_predict(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     if overrides:
         raise ConfigError("heft predict takes no overrides: it answers with the run exactly as it was configured")
-    from .data import Example, parse_row
+    from .data import Example, parse_general, parse_row
     from .pipeline import load_run
 
+    if args.choices is not None and len(args.choices) < 2:
+        raise ConfigError("--choices: give at least 2 answer texts")
     s, cfg = load_run(Path(args.run), allow_other_base=args.allow_other_base)
+    if args.choices or args.generate:  # a general prompt: scored choices, or greedy text
+        ex = parse_general({"prompt": args.question, "choices": args.choices, "label": 0} if args.choices else
+                           {"prompt": args.question, "completion": "-"}, "command line",
+                           "multiple_choice" if args.choices else "completion", "local")
+        pred = s.evaluate([ex])[0]
+        if _reports():
+            if args.choices:
+                for c, ll in zip(args.choices, pred["lls"]):
+                    print(f"{'*' if c == args.choices[pred['pred']] else ' '} {c!r}: log-likelihood {ll:.3f}")
+            else:
+                print(pred["text"])
+        return 0
     if cfg.data.prompt_format == "passage" and not (args.passage or "").strip():
         raise ConfigError("--passage: this run was trained with passages (data.prompt_format: passage); give --passage TEXT")
     ex: Example = parse_row({"question": args.question, "passage": args.passage or "", "answer": False},
@@ -192,10 +206,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     e.add_argument("--allow-other-base", action="store_true", help="apply the adapters even if the base model differs "
                    "from the one the run was trained on (its recorded fingerprint)")
-    pr = sub.add_parser("predict", help="answer one yes/no question with a trained run")
+    pr = sub.add_parser("predict", help="answer one question with a trained run (yes/no, choices, or generated text)")
     pr.add_argument("run", help="a finished run folder")
-    pr.add_argument("--question", required=True)
-    pr.add_argument("--passage", default=None)
+    pr.add_argument("--question", required=True, help="the question (BoolQ), or the whole prompt with --choices/--generate")
+    pr.add_argument("--passage", default=None, help="BoolQ runs trained with passages")
+    pr.add_argument("--choices", nargs="+", help="score these answers after the prompt (` ` + choice, as lm-eval) and "
+                    "mark the most likely")
+    pr.add_argument("--generate", action="store_true", help="print the greedy continuation of the prompt")
     pr.add_argument("--allow-other-base", action="store_true", help="as for heft eval")
     return p
 

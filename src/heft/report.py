@@ -116,6 +116,14 @@ def build_report(study: StudyFolder, configs: dict[str, RunConfig], seeds: list[
                 "a": a, "b": b, "bootstrap": paired_bootstrap(ca, cb),
                 "mcnemar": {str(s): mcnemar_exact(runs[a][s]["correct"], runs[b][s]["correct"]) for s in seeds},
             })
+    tasks = [p.get("task") for p in runs[ref_name][seeds[0]]["preds"]]
+    if len(set(tasks)) > 1:  # several tasks: each pair's difference on each task's rows too
+        for pair in report["pairs"]:
+            ca = np.array([runs[pair["a"]][s]["correct"] for s in seeds])
+            cb = np.array([runs[pair["b"]][s]["correct"] for s in seeds])
+            pair["by_task"] = {t: paired_bootstrap(ca[:, [k for k, x in enumerate(tasks) if x == t]],
+                                                   cb[:, [k for k, x in enumerate(tasks) if x == t]])
+                               for t in dict.fromkeys(tasks)}
     for name in names:  # each strategy against always answering the training majority, on the same rows
         if not configs[name].stages:
             continue
@@ -315,6 +323,13 @@ def report_markdown(r: dict[str, Any]) -> str:
           f"{100 * p['bootstrap']['ci95'][0]:+.1f} to {100 * p['bootstrap']['ci95'][1]:+.1f}", _p(p["bootstrap"]["p"]),
           "; ".join(f"seed {s}: {m['a_only']}/{m['b_only']}, p={m['p']:.3g}" for s, m in p["mcnemar"].items())]
          for p in r["pairs"]])
+    by_task = [p for p in r["pairs"] if "by_task" in p]
+    if by_task:
+        tasks = list(by_task[0]["by_task"])
+        lines += ["", "Per task: A - B in points, with the paired bootstrap 95% interval over that task's rows.", ""]
+        lines += markdown_table(["A - B"] + tasks, [[f"{p['a']} - {p['b']}"] + [
+            f"{100 * p['by_task'][t]['diff']:+.1f} ({100 * p['by_task'][t]['ci95'][0]:+.0f} to {100 * p['by_task'][t]['ci95'][1]:+.0f})"
+            for t in tasks] for p in by_task])
     lines += ["", "The bootstrap resamples evaluation rows (10,000 times, all seeds of a row together) and so measures "
               "how much the difference depends on which questions were asked; McNemar's test counts the rows only one "
               "strategy gets right, per seed. Neither corrects for the number of pairs compared. B = `majority` is "
