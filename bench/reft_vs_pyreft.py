@@ -129,7 +129,7 @@ def run_heft(spec: dict) -> dict:
     from heft.model import decoder_layers, fp32_output_head, hidden_size
     from heft.reft import ReftModel
     from heft.runtime import model_forward
-    from heft.train import answer_loss
+    from heft.loop import answer_loss
 
     model = build_model(spec)
     if spec["dtype"] == "bf16":
@@ -157,7 +157,7 @@ def run_heft(spec: dict) -> dict:
 
 def run_floor(spec: dict) -> dict:
     from heft.model import decoder_layers, fp32_output_head
-    from heft.train import answer_loss
+    from heft.loop import answer_loss
 
     model = build_model(spec)
     if spec["dtype"] == "bf16":

@@ -18,7 +18,7 @@ from heft.lora import attach
 from heft.model import decoder_layers, hidden_size
 from heft.reft import REFT_WEIGHTS, DiReFT, LoReFT, ReftModel, no_decay_names, prompt_positions
 from heft.runtime import model_forward
-from heft.train import param_groups
+from heft.loop import param_groups
 
 from conftest import tiny_config
 

@@ -152,7 +152,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
                                                                                monkeypatch, capsys):
     import torch
 
-    from heft import checkpoint, train
+    from heft import checkpoint
+    from heft import loop as train
 
     real = train.answer_loss
     calls = {"n": 0}
@@ -535,3 +536,26 @@ def test_a_failed_overwrite_leaves_the_old_run_whole(saved_run, tiny_model_dir, 
     assert _hidden(tmp_path) == []
     assert json.loads((run / "metrics.json").read_text())["train_rows"] == 8
     assert [s["method"] for s in yaml.safe_load((run / "config.yaml").read_text())["stages"]] == ["lora"]
+
+
+def test_lock_of_a_dead_holder_kept_open_by_its_child_is_taken_over(tmp_path):
+    """A killed run whose leftover child process still has the lock file open (flock is inherited across fork):
+    the recorded holder is dead, so the lock is taken over rather than refusing forever."""
+    import subprocess
+    import sys
+    import time
+
+    from heft.lock import FolderLock
+
+    folder = tmp_path / "run"
+    code = ("import os, sys, time; from heft.lock import FolderLock; FolderLock(__import__('pathlib').Path(sys.argv[1])).acquire()\n"
+            "if os.fork() == 0:\n    time.sleep(30); os._exit(0)\n"
+            "print('locked', flush=True); os._exit(0)")  # the parent dies at once, its child keeps the flock
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    proc.wait()
+    start = time.time()
+    lock = FolderLock(folder).acquire()
+    assert time.time() - start < 10
+    lock.release()
+    assert not (tmp_path / ".run.lock").exists() and not list(tmp_path.glob(".run.lock.stale-*"))

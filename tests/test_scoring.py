@@ -16,7 +16,7 @@ from heft.evaluate import accuracy, score, single_token_split, wilson_interval
 from heft.model import decoder_layers, hidden_size
 from heft.reft import ReftModel
 from heft.runtime import Runtime, model_forward
-from heft.train import answer_loss
+from heft.loop import answer_loss
 
 CPU = Runtime(torch.device("cpu"))
 

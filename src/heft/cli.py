@@ -110,7 +110,9 @@ def cmd_eval(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
         raise ConfigError("heft eval takes no overrides: it re-evaluates the run exactly as it was configured")
     from .pipeline import eval_run
 
-    r = eval_run(Path(args.run), allow_other_base=args.allow_other_base)
+    from .hub import resolve
+
+    r = eval_run(resolve(args.run), allow_other_base=args.allow_other_base)
     code = 0 if r.get("matches_saved_predictions", True) else 1
     if not _reports():
         return code
@@ -132,7 +134,9 @@ def cmd_predict(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> i
 
     if args.choices is not None and len(args.choices) < 2:
         raise ConfigError("--choices: give at least 2 answer texts")
-    s, cfg = load_run(Path(args.run), allow_other_base=args.allow_other_base)
+    from .hub import resolve
+
+    s, cfg = load_run(resolve(args.run), allow_other_base=args.allow_other_base)
     if args.choices or args.generate:  # a general prompt: scored choices, or greedy text
         ex = parse_general({"prompt": args.question, "choices": args.choices, "label": 0} if args.choices else
                            {"prompt": args.question, "completion": "-"}, "command line",
@@ -157,6 +161,24 @@ def cmd_predict(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> i
         print(f"{answer} (p_yes={pred['p_yes']:.3f})")
     else:
         print(f"{pred['text']!r} -> {pred['pred']}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    from .hub import push
+
+    repo = push(Path(args.run), args.repo, private=args.private)
+    if _reports():
+        print(f"pushed {args.run} to https://huggingface.co/{repo}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    from .hub import pull
+
+    path = pull(args.repo, Path(args.out))
+    if _reports():
+        print(f"pulled {args.repo} into {path}; `heft eval {path}` reproduces its predictions")
     return 0
 
 
@@ -202,18 +224,25 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     t.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"],
                    help="continue the run in --out from its latest checkpoint (`auto`: if there is one, else start)")
     e = sub.add_parser("eval", help="reload a run folder and re-evaluate it")
-    e.add_argument("run", help="a finished run folder written by heft train/run/compare")
+    e.add_argument("run", help="a finished run folder written by heft train/run/compare, or hf://USER/REPO")
     e.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     e.add_argument("--allow-other-base", action="store_true", help="apply the adapters even if the base model differs "
                    "from the one the run was trained on (its recorded fingerprint)")
     pr = sub.add_parser("predict", help="answer one question with a trained run (yes/no, choices, or generated text)")
-    pr.add_argument("run", help="a finished run folder")
+    pr.add_argument("run", help="a finished run folder, or hf://USER/REPO")
     pr.add_argument("--question", required=True, help="the question (BoolQ), or the whole prompt with --choices/--generate")
     pr.add_argument("--passage", default=None, help="BoolQ runs trained with passages")
     pr.add_argument("--choices", nargs="+", help="score these answers after the prompt (` ` + choice, as lm-eval) and "
                     "mark the most likely")
     pr.add_argument("--generate", action="store_true", help="print the greedy continuation of the prompt")
     pr.add_argument("--allow-other-base", action="store_true", help="as for heft eval")
+    pu = sub.add_parser("push", help="upload a finished run folder to the Hugging Face Hub, with a model card")
+    pu.add_argument("run", help="a finished run folder")
+    pu.add_argument("repo", help="USER/REPO")
+    pu.add_argument("--private", action="store_true", help="create the repository private")
+    pl = sub.add_parser("pull", help="download a run pushed with heft push")
+    pl.add_argument("repo", help="USER/REPO")
+    pl.add_argument("out", help="a new or empty folder")
     return p
 
 
@@ -223,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         overrides = _split_overrides(rest)
-        handler = {"run": cmd_run, "compare": cmd_compare, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}[args.command]
+        handler = {"run": cmd_run, "compare": cmd_compare, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
+                   "push": cmd_push, "pull": cmd_pull}[args.command]
         code = handler(args, overrides)
         _leave_process_group(code, wait=True)
         return code

@@ -5,7 +5,8 @@
 
 1. open (or create) the lock file and take an exclusive, non-blocking `flock` on it. A live holder on
    this machine keeps that flock until it exits, however it exits (SIGKILL included), so failing to
-   get it means "in use" and the file's content names the holder;
+   get it means "in use" and the file's content names the holder; unless that holder is dead and a
+   process it started still has the file open: then the file is moved aside and a new one taken;
 2. check that the path still names the file we locked (a releasing holder unlinks it; retry if so);
 3. read the previous holder's record. flock only proves the previous holder gone on this machine:
    if the record names a process on this host, it is checked to be dead (or its PID reused), and the
@@ -84,6 +85,9 @@ class FolderLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = self._read(fd)
+                if holder.get("pid") != os.getpid() and holder and self._gone(holder) and self._break(fd):
+                    os.close(fd)  # the recorded holder is dead; a process it left behind kept the lock file open
+                    continue
                 os.close(fd)
                 raise LockedError(f"{self.folder}: another heft process is writing this {self.what} ({self._describe(holder)}); "
                                   "wait for it to finish, stop it, or choose another --out") from None
@@ -111,6 +115,20 @@ class FolderLock:
             return self
         self.release()
         raise LockedError(f"{self.folder}: could not take the lock {self.path} (it kept changing hands); try again")
+
+    def _break(self, fd: int) -> bool:
+        """Move the lock file of a dead holder aside (a new file, and a new flock, take its place on the next try).
+        Only the file we examined is moved: if another process replaced it meanwhile, it is put back."""
+        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return True  # someone else moved it: try again
+        if os.stat(aside).st_ino != os.fstat(fd).st_ino:
+            os.rename(aside, self.path)  # a newer holder's file: leave it
+            return False
+        aside.unlink(missing_ok=True)
+        return True
 
     @staticmethod
     def _read(fd: int) -> dict:

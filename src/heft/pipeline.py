@@ -35,7 +35,7 @@ from .runfolder import Output, RunFolder
 from .runtime import Runtime, is_main_process, make_runtime
 from .stagecache import Start, StageCache, copy_stage_files
 from .tracking import RunTracker
-from .train import StepLog, peak_memory, train_stage
+from .loop import StepLog, peak_memory, train_stage
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,152 @@
+"""Sharing run folders on the Hugging Face Hub: `heft push DIR USER/REPO`, `heft pull USER/REPO DIR`, and
+`hf://USER/REPO` wherever a run folder is read (eval, predict, `heft.load`).
+
+What is uploaded is what reloads and reproduces the run (heft.runfolder): config.yaml, meta.json,
+metrics.json, predictions.jsonl, epochs.jsonl and each stage's adapter files, stage.json and
+train_log.jsonl, plus a generated model card (README.md with a `model-index` of the metrics). Never
+checkpoints, TensorBoard events, locks or temporary files. An unfinished run is refused. The token is
+whatever `huggingface_hub` finds (HF_TOKEN or `huggingface-cli login`); heft never prints or writes it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import CheckpointError, ConfigError
+from .runfolder import RunFolder
+
+PREFIX = "hf://"
+_SKIP_DIRS = {"checkpoints", "tensorboard"}
+
+
+def files_to_share(folder: RunFolder) -> list[Path]:
+    """The run folder's files worth sharing, relative to it (see the module docstring)."""
+    out = []
+    for p in sorted(folder.path.rglob("*")):
+        rel = p.relative_to(folder.path)
+        if not p.is_file() or any(part.startswith(".") for part in rel.parts) or _SKIP_DIRS & set(rel.parts[:-1]):
+            continue
+        if rel.name == "README.md" and len(rel.parts) == 1:
+            continue  # the model card is generated
+        out.append(rel)
+    return out
+
+
+def model_card(folder: RunFolder) -> str:
+    """README.md for the Hub: what the run is, its metrics (also as `model-index`), how to load it."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    cfg, meta, m = folder.read_config(), folder.read_meta(), folder.read_metrics()
+    tasks = m.tasks or {"boolq": {"accuracy": m.accuracy, "n": m.n}}
+    results = [EvalResult(task_type="multiple-choice" if t != "gsm8k" else "text-generation", dataset_type=t,
+                          dataset_name=t, dataset_split=m.eval_split, metric_type="accuracy",
+                          metric_value=round(float(v["accuracy"]), 4)) for t, v in tasks.items()]
+    base = meta.get("base_model", cfg.model.name_or_path)
+    data = ModelCardData(base_model=base if "/" in base and not base.startswith((".", "/")) else None,
+                         library_name="peft", license="apache-2.0", tags=["heft", "lora", "reft", "peft"],
+                         model_name=f"heft-{cfg.label()}", eval_results=results)
+    stages = "\n".join(f"- stage {i}: `{s.method}`, {s.epochs:g} epoch(s), lr {s.lr:g}" for i, s in enumerate(cfg.stages)) \
+        or "- no training stage (the base model)"
+    lora_dirs = [str(folder.adapter_dir(i, s).relative_to(folder.path)) for i, s in enumerate(cfg.stages) if s.trains_lora]
+    rows = "\n".join(f"| {t} | {100 * v['accuracy']:.1f}% | {v.get('n', m.n)} |" for t, v in tasks.items())
+    peft = (f'\nThe LoRA part alone, with PEFT:\n\n```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base, '
+            f'"USER/REPO", subfolder="{lora_dirs[0]}")\n```\n') if lora_dirs else ""
+    return f"""---
+{data.to_yaml()}
+---
+
+# heft run: {cfg.label()} on {base}
+
+Trained with [heft](https://github.com/) {meta.get("heft_version", __version__)}: hierarchical
+parameter-efficient fine-tuning, a LoRA stage then a LoReFT stage (HEFT, arXiv 2509.09801; ReFT,
+arXiv 2404.03592; LoRA, arXiv 2106.09685).
+
+Stages:
+{stages}
+
+| task | accuracy | rows |
+|---|---|---|
+{rows}
+
+Evaluation: the `{m.eval_split}` split as configured in `config.yaml` (majority baseline
+{100 * m.majority_baseline:.1f}%). `metrics.json` and `predictions.jsonl` hold every number.
+
+## Load it
+
+```bash
+heft pull USER/REPO runs/x && heft eval runs/x      # reproduces predictions.jsonl
+```
+
+```python
+import heft
+model, tokenizer = heft.load("hf://USER/REPO")
+```
+{peft}
+The base model is not included: `config.yaml` names it, and `meta.json` records its fingerprint, which
+heft checks on loading. License of this adapter: Apache-2.0; the base model and the training data keep
+their own licenses.
+"""
+
+
+def push(path: Path, repo_id: str, *, private: bool = False, api: Any = None) -> str:
+    """Upload a finished run folder with its model card; returns the repository id."""
+    folder = RunFolder(path)
+    folder.require_finished()
+    _check_repo(repo_id)
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    with tempfile.TemporaryDirectory(prefix="heft-push-") as tmp:
+        stage = Path(tmp)
+        for rel in files_to_share(folder):
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(folder.path / rel, stage / rel)
+        (stage / "README.md").write_text(model_card(folder), encoding="utf-8")
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(folder_path=str(stage), repo_id=repo_id, repo_type="model",
+                          commit_message=f"heft run ({RunFolder(path).read_config().label()})")
+    return repo_id
+
+
+def pull(repo_id: str, path: Path, *, download: Any = None) -> Path:
+    """Download a run pushed by `heft push` into `path` (new or empty); returns it."""
+    _check_repo(repo_id)
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise ConfigError(f"heft pull: {path} is not empty; choose a new folder")
+    if download is None:
+        from huggingface_hub import snapshot_download as download
+    download(repo_id=repo_id, local_dir=str(path))
+    folder = RunFolder(path)
+    if not folder.is_heft():
+        raise CheckpointError(f"{repo_id}: not a heft run (no config.yaml in the repository)")
+    folder.require_finished()
+    return path
+
+
+def resolve(run: str | Path) -> Path:
+    """A run folder path, downloading `hf://USER/REPO` once into heft's cache."""
+    text = str(run)
+    if not text.startswith(PREFIX):
+        return Path(run)
+    from .assets import cache_root
+
+    repo_id = text[len(PREFIX):]
+    _check_repo(repo_id)
+    local = cache_root() / "hub-runs" / repo_id.replace("/", "--")
+    if RunFolder(local).is_finished():
+        return local
+    if local.exists():
+        shutil.rmtree(local)
+    return pull(repo_id, local)
+
+
+def _check_repo(repo_id: str) -> None:
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"repository {repo_id!r}: give it as USER/REPO")
