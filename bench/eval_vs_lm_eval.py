@@ -3,7 +3,7 @@
 Both sides score the same BoolQ validation rows with the same local model folder (the embedded
 SmolLM2-135M-Instruct by default), by comparing log p(" no" | prompt) and log p(" yes" | prompt):
 
-- `heft`: `heft.data.Encoder` (the `passage` prompt) + `heft.evaluate.score` (one forward pass per
+- `heft`: `heft.tokens.Encoder` (the `passage` prompt) + `heft.evaluate.score` (one forward pass per
   row, left-padded batches sorted by length, logits only at the last position) + `accuracy`.
 - `lm-eval`: lm-evaluation-harness 0.4.13, `hf` model (`HFLM`), zero-shot, the built-in `boolq`
   task's own config (prompt `{{passage}}\\nQuestion: {{question}}?\\nAnswer:`, choices `no`/`yes`)
@@ -58,7 +58,8 @@ MAX_LENGTH = 8192  # heft's length budget here: no BoolQ passage is cut (lm-eval
 def run_heft(spec: dict) -> dict:
     import torch
     from heft.config import DataConfig, ModelConfig
-    from heft.data import Encoder, load_splits
+    from heft.data import load_splits
+    from heft.tokens import Encoder
     from heft.evaluate import accuracy, score
     from heft.model import load_model
     from heft.runtime import Runtime, use_bf16
@@ -159,7 +160,7 @@ def main() -> None:
     from peer_venv import ensure_venv, run_json
     from transformers import AutoTokenizer
 
-    from heft.data import Encoder
+    from heft.tokens import Encoder
     from heft.model import resolve_model_path
 
     lm_eval_python = ensure_venv("lm-eval", LM_EVAL_STEPS, system_site_packages=True)

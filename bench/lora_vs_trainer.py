@@ -45,7 +45,8 @@ def trainer_run(rows: int, tmp: Path) -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from heft.config import DataConfig
-    from heft.data import Encoder, load_splits
+    from heft.data import load_splits
+    from heft.tokens import Encoder
     from heft.model import resolve_model_path
     from heft.runtime import use_bf16
 

@@ -162,7 +162,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from heft.config import DataConfig, TaskConfig
-    from heft.data import Encoder, load_splits
+    from heft.data import load_splits
+    from heft.tokens import Encoder
     from heft.io import read_jsonl, write_json
     from heft.model import resolve_model_path
 

@@ -29,7 +29,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from heft.config import DataConfig, ModelConfig, PositionsConfig, ReftConfig, RunConfig
-    from heft.data import Encoder, load_splits
+    from heft.data import load_splits
+    from heft.tokens import Encoder
     from heft.evaluate import score
     from heft.model import decoder_layers, hidden_size, load_model
     from heft.runtime import make_runtime

@@ -3,7 +3,7 @@
 Three sides, each in its own process, on the same model, data and settings:
 
 - `heft`: heft's `ReftModel` (LoReFT, hooks + one gather/scatter per layer), left-padded batch
-  from `heft.data.train_batch`, logits only at the positions the loss needs (`logits_to_keep`),
+  from `heft.tokens.train_batch`, logits only at the positions the loss needs (`logits_to_keep`),
   `heft.train.answer_loss`; then gradient clipping and an AdamW step, as in `heft.train`.
 - `pyreft`: pyreft 0.1.0 (`pyreft.get_reft_model` + `LoreftIntervention` on `block_output`, one
   intervention per layer and position group, as pyreft's own LoReFT recipe builds it), run in its
@@ -116,7 +116,7 @@ def time_steps(step, spec: dict) -> dict:
 
 def heft_batch(rows: list[dict], spec: dict) -> tuple[dict, int]:
     """heft's left-padded training batch (on the device) and how many positions need logits."""
-    from heft.data import Encoded, train_batch
+    from heft.tokens import Encoded, train_batch
 
     items = [Encoded(r["prompt"], (r["answer"], r["answer"]), 1, False) for r in rows]
     batch = train_batch(items, spec["pad_id"])
@@ -243,7 +243,8 @@ def run_pyreft(spec: dict) -> dict:
 def make_spec(args: argparse.Namespace, path: Path) -> dict:
     """Tokenize BoolQ training rows once (heft's passage prompt) and write the spec every side reads."""
     from heft.config import DataConfig
-    from heft.data import Encoder, load_splits
+    from heft.data import load_splits
+    from heft.tokens import Encoder
     from heft.model import resolve_model_path
     from transformers import AutoTokenizer
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from heft.choices import choice_accuracy, choose, score_choices
 from heft.config import PositionsConfig, ReftConfig
-from heft.data import Encoded
+from heft.tokens import Encoded
 from heft.errors import DataError
 from heft.evaluate import wilson_interval
 from heft.model import decoder_layers, hidden_size

@@ -1,4 +1,4 @@
-"""Tests for heft.data: reading and checking rows, splits, prompt encoding, batches and bucketing."""
+"""Tests for heft.data and heft.tokens: reading and checking rows, splits, prompt encoding, batches and bucketing."""
 
 from __future__ import annotations
 
@@ -13,21 +13,9 @@ import torch
 from conftest import boolq_rows, write_jsonl
 
 from heft.config import DataConfig
-from heft.data import (
-    BucketBatches,
-    Encoded,
-    Encoder,
-    Example,
-    candidates,
-    encode_all,
-    load_splits,
-    majority_label,
-    prompt_batch,
-    prompt_text,
-    read_rows,
-    train_batch,
-)
+from heft.data import Example, load_splits, majority_label, read_rows
 from heft.errors import ConfigError, DataError
+from heft.tokens import BucketBatches, Encoded, Encoder, candidates, encode_all, prompt_batch, prompt_text, train_batch
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from heft.data import Encoded, Encoder, parse_general, prompt_batch, train_batch
+from heft.data import parse_general
+
+from heft.tokens import Encoded, Encoder, prompt_batch, train_batch
 
 
 def test_batches_start_the_positions_at_the_content():

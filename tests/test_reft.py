@@ -12,7 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from heft.config import LoraConfig, PositionsConfig, ReftConfig, from_dict
-from heft.data import prompt_batch
+from heft.tokens import prompt_batch
 from heft.errors import CheckpointError, ConfigError
 from heft.lora import attach
 from heft.model import decoder_layers, hidden_size
@@ -486,7 +486,7 @@ def test_generation_through_heft_loader_keeps_the_prompt_edits(tiny_model_dir):
     """heft's loader turns the model config's KV cache off (training); generation must turn it back on, or every
     step re-runs the whole sequence and the prompt-pass-only edits vanish after the first generated token."""
     from heft.config import ModelConfig
-    from heft.data import Encoded
+    from heft.tokens import Encoded
     from heft.evaluate import generate_texts
     from heft.model import load_model
     from heft.runtime import Runtime

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from heft.config import PositionsConfig, ReftConfig
-from heft.data import Encoded, Encoder, read_rows, train_batch
+from heft.data import read_rows
+from heft.tokens import Encoded, Encoder, train_batch
 from heft.evaluate import accuracy, score, single_token_split, wilson_interval
 from heft.model import decoder_layers, hidden_size
 from heft.reft import ReftModel

@@ -20,7 +20,8 @@ from conftest import tiny_config, write_jsonl
 
 from heft.cli import main
 from heft.config import from_dict
-from heft.data import Encoder, load_splits, read_rows
+from heft.data import load_splits, read_rows
+from heft.tokens import Encoder
 
 WORDS = "cats bees snakes penguins birds boats honey flowers".split()  # the choices
 FILLERS = "the sky is blue water".split()  # in questions, never a choice

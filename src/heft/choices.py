@@ -14,7 +14,7 @@ between context and choice), ties going to the first maximum (numpy's argmax). `
 every choice token is the model's argmax (the harness's `is_greedy`).
 
 Every (prompt + choice) sequence is scored in one forward pass: sequences of all rows and all choices
-are sorted by length and batched together, left-padded by `heft.data.train_batch`, so only the logits
+are sorted by length and batched together, left-padded by `heft.tokens.train_batch`, so only the logits
 of the last (longest choice + 1) positions are computed. ReFT edits go on the prompt positions only
 (train_batch's `prompt_start`/`prompt_len`), so every choice of a row sees the same edited context, as
 in training. Under several processes each scores an interleaved share of the sequences and the
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import Encoded, train_batch
+from .tokens import Encoded, train_batch
 from .errors import DataError
 from .evaluate import _gather, _share, wilson_interval
 from .runtime import Runtime, model_forward

@@ -355,13 +355,13 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     if d.source == "builtin" or d.tasks:
         need(len(d.tasks) > 0, "data.tasks: list the built-in tasks with data.source: builtin, e.g. `[{name: arc_easy}]`")
         need(d.source in ("builtin", "hub"), "data.tasks: read with data.source: builtin (offline) or hub (official splits)")
-        from .tasks import TASKS
-        import difflib
+        from .tasks import spec
+
         for i, t in enumerate(d.tasks):
-            if t.name not in TASKS:
-                close = difflib.get_close_matches(t.name, TASKS, n=3, cutoff=0.5)
-                hint = f" (did you mean {', '.join(close)}?)" if close else ""
-                errors.append(f"data.tasks[{i}].name: unknown task {t.name!r}{hint}; built-in tasks: {', '.join(TASKS)}")
+            try:
+                spec(t.name, f"data.tasks[{i}].name")
+            except ConfigError as e:
+                errors.append(str(e))
             need(t.train_size is None or t.train_size > 0, f"data.tasks[{i}].train_size: must be positive or null")
             need(t.eval_size is None or t.eval_size > 0, f"data.tasks[{i}].eval_size: must be positive or null")
         names = [t.name for t in d.tasks]

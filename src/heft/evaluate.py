@@ -17,7 +17,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import sharding
-from .data import Encoded, prompt_batch, train_batch
+from .config import DataConfig, EvalConfig
+from .data import Example, majority_choice, majority_label
+from .tokens import Encoded, prompt_batch, train_batch
 from .runtime import Runtime, model_forward
 
 
@@ -213,3 +215,68 @@ def task_metrics(preds: list[dict[str, Any]], acc_norm_tasks: set[str]) -> dict[
             m["chance"] = sum(1 / len(p["lls"]) if "lls" in p else 0.5 for p in ps) / len(ps)
         out[task] = m
     return out
+
+
+def evaluate_tasks(model: nn.Module, tokenizer: Any, rows: list[Example], encoded: list[Encoded], e: EvalConfig,
+                   rt: Runtime) -> list[dict[str, Any]]:
+    """Rows of general tasks, one prediction each, in order. Choices are scored by log-likelihood (lm-eval's acc
+    and acc_norm): {label, pred, pred_norm, lls, idx, task, truncated}; generative rows are decoded greedily
+    (stopped at the task's stop strings) and matched after extracting the answer: {label (the gold answer),
+    pred (the extracted answer, None if unparseable), text, correct, idx, task, truncated}."""
+    from .choices import score_choices
+    from .extract import Extractor, exact_match, extract, stop_at
+    from .tasks import TASKS
+
+    preds: list[dict[str, Any]] = [{} for _ in rows]
+    chosen = [i for i, r in enumerate(rows) if r.kind == "choice"]
+    if chosen:
+        got = score_choices(model, [encoded[i] for i in chosen], [[len(c) for c in rows[i].choices] for i in chosen],
+                            batch_size=e.batch_size, pad_id=tokenizer.pad_token_id, rt=rt)
+        for i, p in zip(chosen, got):
+            preds[i] = {k: p[k] for k in ("label", "pred", "pred_norm", "lls")}
+    by_task: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        if r.kind == "generate":
+            by_task.setdefault(r.task, []).append(i)
+    for task, idx in by_task.items():  # each task with its own stop strings and answer extractor
+        spec = TASKS.get(task)
+        stops = spec.stops if spec is not None else ()
+        kind = e.extractor if e.extractor != "auto" else (spec.extractor if spec is not None else "full")
+        ex = Extractor(kind, pattern=e.pattern if kind == "regex" else None)
+        texts = generate_texts(model, [encoded[i] for i in idx], tokenizer, batch_size=e.batch_size,
+                               max_new_tokens=e.max_new_tokens or 256, rt=rt, stop=stops)
+        for i, text in zip(idx, texts):
+            text = stop_at(text, stops)
+            pred = extract(text, ex)
+            preds[i] = {"label": rows[i].gold, "pred": pred, "text": text, "correct": exact_match(pred, rows[i].gold or "", ex)}
+    for p, r, x in zip(preds, rows, encoded):
+        p.update(idx=r.idx, task=r.task, truncated=x.truncated)
+    return preds
+
+
+def baselines(data: DataConfig, train: list[Example], evaluation: list[Example], preds: list[dict[str, Any]]
+              ) -> tuple[Any, float, dict[str, dict[str, Any]] | None]:
+    """(majority label, majority baseline, per-task metrics). BoolQ: the training majority (True on ties) and its
+    accuracy on the evaluation rows. General tasks: per task, the most frequent gold choice in training (the
+    constant predictor; none for generation), its accuracy, the chance baseline and the task's own metrics;
+    the run's baseline is their mean over tasks."""
+    from .tasks import TASKS
+
+    if all(r.kind == "yesno" for r in evaluation):
+        majority = majority_label(train) if train else True
+        return majority, sum(r.label == majority for r in evaluation) / len(evaluation), None
+    acc_norm = {n for n, t in TASKS.items() if t.acc_norm} | ({"local"} if data.format == "multiple_choice" else set())
+    per_task = task_metrics(preds, acc_norm)
+    labels: dict[str, int | None] = {}
+    for task, m in per_task.items():
+        rows = [r for r in evaluation if r.task == task]
+        seen = [r for r in train if r.task == task and r.kind == "choice"]
+        label = majority_choice(seen) if seen else (majority_choice(rows) if rows[0].kind == "choice" else None)
+        labels[task] = label
+        m["majority_label"] = label
+        m["majority_baseline"] = sum(r.label == label for r in rows) / len(rows) if label is not None else 0.0
+        if task in TASKS:  # from the hub: the official splits; offline: see heft.tasks
+            m["comparable"] = data.source == "hub" or TASKS[task].comparable
+            if TASKS[task].note and data.source != "hub":
+                m["note"] = TASKS[task].note
+    return labels, sum(m["majority_baseline"] for m in per_task.values()) / len(per_task), per_task

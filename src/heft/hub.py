@@ -109,7 +109,7 @@ def push(path: Path, repo_id: str, *, private: bool = False, api: Any = None) ->
         (stage / "README.md").write_text(model_card(folder), encoding="utf-8")
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         api.upload_folder(folder_path=str(stage), repo_id=repo_id, repo_type="model",
-                          commit_message=f"heft run ({RunFolder(path).read_config().label()})")
+                          commit_message=f"heft run ({folder.read_config().label()})")
     return repo_id
 
 

@@ -69,6 +69,7 @@ class FolderLock:
         self.path = self.folder.parent / f".{self.folder.name}.lock"
         self.what = what
         self.fd: int | None = None
+        self.made: list[Path] = []  # parent folders acquire() created, removed on release if still empty
 
     def _describe(self, holder: dict) -> str:
         started = holder.get("started")
@@ -76,7 +77,6 @@ class FolderLock:
         return f"PID {holder.get('pid', '?')} on host {holder.get('host', '?')}, started {when}"
 
     def acquire(self) -> "FolderLock":
-        # the lock file needs its folder; parents made here are removed again on release if still empty
         self.made = [p for p in reversed(self.folder.parents) if not p.exists()]
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(20):
@@ -159,7 +159,7 @@ class FolderLock:
             finally:
                 os.close(self.fd)
                 self.fd = None
-        for p in reversed(getattr(self, "made", [])):
+        for p in reversed(self.made):
             try:
                 p.rmdir()  # only if empty: a run that wrote something keeps it
             except OSError:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, io, sharding
 from .config import StageConfig
-from .data import BucketBatches, Encoded, train_batch
+from .tokens import BucketBatches, Encoded, train_batch
 from .errors import HeftError
 from .records import StageProgress
 from .runtime import Runtime, model_forward

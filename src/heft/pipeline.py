@@ -25,17 +25,18 @@ from torch import nn
 
 from . import __version__, flops, lora, sharding
 from .config import RunConfig, StageConfig
-from .data import Encoded, Encoder, Example, encode_all, load_splits, majority_choice, majority_label
+from .data import Example, load_splits
 from .errors import CheckpointError, ConfigError
-from .evaluate import accuracy, generate, score
+from .evaluate import accuracy, baselines, evaluate_tasks, generate, score
+from .loop import StepLog, peak_memory, train_stage
 from .model import decoder_layers, fingerprint, fingerprint_differences, hidden_size, load_model, unwrap
 from .records import Metrics, StageProgress, StageRecord
 from .reft import ReftModel, check_fits, no_decay_names
 from .runfolder import Output, RunFolder
 from .runtime import Runtime, is_main_process, make_runtime
 from .stagecache import Start, StageCache, copy_stage_files
+from .tokens import Encoded, Encoder, encode_all
 from .tracking import RunTracker
-from .loop import StepLog, peak_memory, train_stage
 
 logger = logging.getLogger(__name__)
 
@@ -94,15 +95,17 @@ class Session:
                                              self.cfg.reft.positions.first_from)
         return self._encoders[length]
 
-    def evaluate(self, rows: list[Example]) -> list[dict[str, Any]]:
-        """One prediction per row, in order. BoolQ: {label, pred, p_yes, lp_no, lp_yes | text, idx, truncated};
-        scored choices: {label, pred, pred_norm, lls, idx, task, truncated}; generation: {label (the gold answer),
-        pred (the extracted answer or None), text, correct, idx, task, truncated}."""
-        enc = self.encoder()
-        encoded = [enc.encode(r, self.cfg.data.eval_split) for r in rows]
+    def encode_eval(self, rows: list[Example]) -> list[Encoded]:
+        """The evaluation rows' ids (each row checked to fit data.max_length): encoded once per run."""
+        return encode_all(self.encoder(), rows, self.cfg.data.eval_split)
+
+    def evaluate(self, rows: list[Example], encoded: list[Encoded] | None = None) -> list[dict[str, Any]]:
+        """One prediction per row, in order (`encoded`: the rows' `encode_eval`, if done already). BoolQ:
+        {label, pred, p_yes, lp_no, lp_yes | text, idx, truncated}; other tasks: see heft.evaluate.evaluate_tasks."""
+        encoded = self.encode_eval(rows) if encoded is None else encoded
         e = self.cfg.eval
         if any(r.kind != "yesno" for r in rows):
-            return self._evaluate_tasks(rows, encoded)
+            return evaluate_tasks(self.top, self.tokenizer, rows, encoded, e, self.rt)
         if e.method == "generate":
             words = ("no", "yes") if self.cfg.data.prompt_format == "passage" else ("false", "true")
             preds = generate(self.top, encoded, self.tokenizer, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens or 4,
@@ -112,38 +115,6 @@ class Session:
         for p, r, x in zip(preds, rows, encoded):
             p["idx"] = r.idx
             p["truncated"] = x.truncated
-        return preds
-
-
-    def _evaluate_tasks(self, rows: list[Example], encoded: list[Encoded]) -> list[dict[str, Any]]:
-        """Rows of general tasks: choices scored by log-likelihood (lm-eval's acc and acc_norm), generative rows
-        decoded greedily and matched after extracting the answer."""
-        from .choices import score_choices
-        from .extract import GSM8K_STOPS, Extractor, exact_match, extract, stop_at
-        from .evaluate import generate_texts
-
-        e = self.cfg.eval
-        preds: list[dict[str, Any]] = [{} for _ in rows]
-        chosen = [i for i, r in enumerate(rows) if r.kind == "choice"]
-        if chosen:
-            got = score_choices(self.top, [encoded[i] for i in chosen], [[len(c) for c in rows[i].choices] for i in chosen],
-                                batch_size=e.batch_size, pad_id=self.tokenizer.pad_token_id, rt=self.rt)
-            for i, p in zip(chosen, got):
-                preds[i] = {k: p[k] for k in ("label", "pred", "pred_norm", "lls")}
-        generated = [i for i, r in enumerate(rows) if r.kind == "generate"]
-        if generated:
-            stops = GSM8K_STOPS if any(rows[i].task == "gsm8k" for i in generated) else ()
-            texts = generate_texts(self.top, [encoded[i] for i in generated], self.tokenizer, batch_size=e.batch_size,
-                                   max_new_tokens=e.max_new_tokens or 256, rt=self.rt, stop=stops)
-            for i, text in zip(generated, texts):
-                task = rows[i].task
-                kind = e.extractor if e.extractor != "auto" else ("after_hash" if task == "gsm8k" else "full")
-                ex = Extractor(kind, pattern=e.pattern if kind == "regex" else None)
-                text = stop_at(text, GSM8K_STOPS) if task == "gsm8k" else text
-                pred = extract(text, ex)
-                preds[i] = {"label": rows[i].gold, "pred": pred, "text": text, "correct": exact_match(pred, rows[i].gold or "", ex)}
-        for p, r, x in zip(preds, rows, encoded):
-            p.update(idx=r.idx, task=r.task, truncated=x.truncated)
         return preds
 
 
@@ -175,12 +146,12 @@ def _meta(cfg: RunConfig, s: Session) -> dict[str, Any]:
     }
 
 
-def _check_rows(s: Session, cfg: RunConfig, train: list[Example], evaluation: list[Example]) -> dict[int, list[Encoded]]:
-    """Every row fits its token budget (a row that cannot stops the run here, naming its file and line);
-    the encoded training rows for each max_length the stages use."""
-    encode_all(s.encoder(), evaluation, cfg.data.eval_split)
+def _check_rows(s: Session, cfg: RunConfig, train: list[Example], evaluation: list[Example]
+                ) -> tuple[list[Encoded], dict[int, list[Encoded]]]:
+    """Every row fits its token budget (a row that cannot stops the run here, naming its file and line):
+    the encoded evaluation rows, and the encoded training rows for each max_length the stages use."""
     lengths = {st.max_length or cfg.data.max_length for st in cfg.stages}
-    return {n: encode_all(s.encoder(n), train, "train") for n in sorted(lengths)}
+    return s.encode_eval(evaluation), {n: encode_all(s.encoder(n), train, "train") for n in sorted(lengths)}
 
 
 def _stage_params(s: Session, stage: StageConfig) -> tuple[list[tuple[str, nn.Parameter]], set[str]]:
@@ -219,15 +190,16 @@ class _Stages:
     """Runs a config's stages on a Session, writing each one's files into the run folder."""
 
     def __init__(self, s: Session, cfg: RunConfig, run: RunFolder, tracker: RunTracker, evaluation: list[Example],
-                 train_rows: dict[int, list[Encoded]], cache: StageCache | None, source: str | None):
+                 eval_rows: list[Encoded], train_rows: dict[int, list[Encoded]], cache: StageCache | None,
+                 source: str | None):
         self.s, self.cfg, self.run, self.tracker, self.evaluation = s, cfg, run, tracker, evaluation
-        self.train_rows, self.cache, self.source = train_rows, cache, source
+        self.eval_rows, self.train_rows, self.cache, self.source = eval_rows, train_rows, cache, source
         self.records: list[StageRecord] = []
 
     def evaluate_now(self, i: int, stage: StageConfig | None, stage_epoch: float, progress: StageProgress | None) -> dict:
         """Evaluate the model as it is now (mid-stage: adapters not merged yet) and record the point."""
         was_training = self.s.top.training
-        acc = accuracy(self.s.evaluate(self.evaluation))
+        acc = accuracy(self.s.evaluate(self.evaluation, self.eval_rows))
         self.s.top.train(was_training)
         self.tracker.record(i, stage, stage_epoch, progress, acc)
         logger.info("%s after stage %d epoch %g: accuracy %.2f%%", self.cfg.label(), i, stage_epoch, 100 * acc["accuracy"])
@@ -340,7 +312,7 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
         # ---- check everything before the first write
         splits = load_splits(cfg.data)
         s = Session(cfg)
-        train_rows = _check_rows(s, cfg, splits.train, splits.eval)
+        eval_rows, train_rows = _check_rows(s, cfg, splits.train, splits.eval)
         run = RunFolder(output.work)
         # ---- set up the folder
         if s.rt.main and not continuing:
@@ -349,7 +321,7 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
             run.write_meta(_meta(cfg, s))
         s.rt.wait()
         tracker = RunTracker(run, cfg, flops.non_embedding_params(s.model), s.num_layers, s.reft_layers, s.rt.main)
-        stages = _Stages(s, cfg, run, tracker, splits.eval, train_rows, cache, name or cfg.label())
+        stages = _Stages(s, cfg, run, tracker, splits.eval, eval_rows, train_rows, cache, name or cfg.label())
         # ---- the stages
         every = cfg.eval.every_epoch
         for i, stage in enumerate(cfg.stages):
@@ -373,7 +345,7 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
             if not last:
                 tracker.finish_stage(record)
         # ---- evaluate
-        preds = s.evaluate(splits.eval)
+        preds = s.evaluate(splits.eval, eval_rows)
         acc = accuracy(preds)
         records = stages.records
         if records:
@@ -383,7 +355,7 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
         elif every:
             tracker.record(0, None, 0.0, None, acc)  # the untrained model: the curves' epoch-0 point
         tracker.close()
-        majority, baseline, per_task = _baselines(cfg, splits.train, splits.eval, preds)
+        majority, baseline, per_task = baselines(cfg.data, splits.train, splits.eval, preds)
         metrics = Metrics(
             strategy=cfg.label(), accuracy=acc["accuracy"], ci95=acc["ci95"], n=acc["n"], correct=acc["correct"],
             eval_split=cfg.data.eval_split, majority_label=majority, majority_baseline=baseline,
@@ -400,35 +372,6 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
         return metrics
     finally:
         output.close()
-
-
-def _baselines(cfg: RunConfig, train: list[Example], evaluation: list[Example], preds: list[dict[str, Any]]
-               ) -> tuple[Any, float, dict[str, dict[str, Any]] | None]:
-    """(majority label, majority baseline, per-task metrics). BoolQ: the training majority (True on ties) and its
-    accuracy on the evaluation rows. General tasks: per task, the most frequent gold choice in training (the
-    constant predictor; none for generation), its accuracy, the chance baseline and the task's own metrics;
-    the run's baseline is their mean over tasks."""
-    from .evaluate import task_metrics
-    from .tasks import TASKS
-
-    if all(r.kind == "yesno" for r in evaluation):
-        majority = majority_label(train) if train else True
-        return majority, sum(r.label == majority for r in evaluation) / len(evaluation), None
-    acc_norm = {n for n, t in TASKS.items() if t.acc_norm} | ({"local"} if cfg.data.format == "multiple_choice" else set())
-    per_task = task_metrics(preds, acc_norm)
-    majority: dict[str, int | None] = {}
-    for task, m in per_task.items():
-        rows = [r for r in evaluation if r.task == task]
-        seen = [r for r in train if r.task == task and r.kind == "choice"]
-        label = majority_choice(seen) if seen else (majority_choice(rows) if rows[0].kind == "choice" else None)
-        majority[task] = label
-        m["majority_label"] = label
-        m["majority_baseline"] = sum(r.label == label for r in rows) / len(rows) if label is not None else 0.0
-        if task in TASKS:  # from the hub: the official splits; offline: see heft.tasks
-            m["comparable"] = cfg.data.source == "hub" or TASKS[task].comparable
-            if TASKS[task].note and cfg.data.source != "hub":
-                m["note"] = TASKS[task].note
-    return majority, sum(m["majority_baseline"] for m in per_task.values()) / len(per_task), per_task
 
 
 def _fresh_session(cfg: RunConfig, run: RunFolder, count: int) -> Session:

