@@ -5,6 +5,7 @@
     heft train --config FILE --out DIR [--a.b value ...]   one strategy, any model and BoolQ-format data
     heft eval DIR                                          reload a run folder and re-evaluate it
     heft predict DIR --passage P --question Q              yes/no and its probability
+    heft lm-eval DIR --tasks boolq,arc_easy [--limit N]      lm-evaluation-harness tasks on a run (extra: lm-eval)
 """
 
 from __future__ import annotations
@@ -182,6 +183,38 @@ def cmd_pull(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     return 0
 
 
+def cmd_lm_eval(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    if overrides:
+        raise ConfigError("heft lm-eval takes no overrides: it evaluates the run exactly as it was configured")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ConfigError("--tasks: give one or more lm-eval task names, comma-separated (e.g. boolq,arc_easy)")
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise ConfigError("heft lm-eval needs lm-evaluation-harness, an optional extra: pip install 'heft[lm-eval]'") from None
+    from .hub import resolve
+    from .lm_eval_bridge import HeftLM, evaluate, task_manager
+
+    manager = task_manager(tasks, args.include_path)  # a wrong task name is reported before the model is loaded
+    lm = HeftLM(run=resolve(args.run), batch_size=args.batch_size, max_length=args.max_length,
+                allow_other_base=args.allow_other_base)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    results = evaluate(lm, tasks, limit=limit, num_fewshot=args.num_fewshot, manager=manager)
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
+    print(make_table(results))
+    if "groups" in results:
+        print(make_table(results, "groups"))
+    if args.output:
+        print(f"wrote {args.output} (lm-eval's results, per-sample records under `samples`)")
+    return 0
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from .confighelp import suite_epilog, train_epilog
 
@@ -243,6 +276,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     pl = sub.add_parser("pull", help="download a run pushed with heft push")
     pl.add_argument("repo", help="USER/REPO")
     pl.add_argument("out", help="a new or empty folder")
+    le = sub.add_parser("lm-eval", help="evaluate a run with lm-evaluation-harness tasks (pip install 'heft[lm-eval]')",
+                        description="Answer lm-evaluation-harness requests with a finished run (base model + LoRA + "
+                        "ReFT, the edits on each request's context only) and print lm-eval's table. The same model is "
+                        "`--model heft --model_args run=DIR` in `python -m heft.lm_eval_bridge` (lm-eval's own CLI).")
+    le.add_argument("run", help="a finished run folder, or hf://USER/REPO")
+    le.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated (e.g. boolq,arc_easy)")
+    le.add_argument("--limit", type=float, help="at most this many documents per task (a fraction if < 1)")
+    le.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default: 16)")
+    le.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's)")
+    le.add_argument("--max-length", type=int, help="context length in tokens (default: the model's, as lm-eval's hf)")
+    le.add_argument("--include-path", help="a folder of your own task YAMLs (read alone when it holds every task)")
+    le.add_argument("--output", help="write lm-eval's results (with per-sample records) to this JSON file")
+    le.add_argument("--allow-other-base", action="store_true", help="as for heft eval")
     return p
 
 
@@ -253,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = _split_overrides(rest)
         handler = {"run": cmd_run, "compare": cmd_compare, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
-                   "push": cmd_push, "pull": cmd_pull}[args.command]
+                   "push": cmd_push, "pull": cmd_pull, "lm-eval": cmd_lm_eval}[args.command]
         code = handler(args, overrides)
         _leave_process_group(code, wait=True)
         return code
