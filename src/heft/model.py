@@ -62,7 +62,7 @@ def load_model(cfg: ModelConfig, device: torch.device):
     local = Path(path).expanduser().exists()
     if not local and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise ConfigError(f"model.name_or_path: {path!r} is not a folder on this machine; give a local model folder, "
-                          "a hub id such as `meta-llama/Llama-2-7b-hf`, or the embedded alias `smollm2-135m`")
+                          "a hub id such as `meta-llama/Llama-2-7b-hf`, or an embedded alias (`smollm2-135m`, `gemma3-270m`)")
     if local:
         path = str(_local_model_folder(Path(path).expanduser(), cfg))
     kw: dict = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
