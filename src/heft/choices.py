@@ -13,16 +13,28 @@ and the harness's two accuracies are
 between context and choice), ties going to the first maximum (numpy's argmax). `greedy` says whether
 every choice token is the model's argmax (the harness's `is_greedy`).
 
-Every (prompt + choice) sequence is scored in one forward pass: sequences of all rows and all choices
-are sorted by length and batched together, left-padded by `heft.tokens.train_batch`, so only the logits
-of the last (longest choice + 1) positions are computed. ReFT edits go on the prompt positions only
-(train_batch's `prompt_start`/`prompt_len`), so every choice of a row sees the same edited context, as
-in training. Under several processes each scores an interleaved share of the sequences and the
-log-likelihoods are gathered; under FSDP the shares are padded so every process runs the same passes.
+Two routes give the same numbers (within floating-point rounding) and are chosen automatically:
+
+- cached (one process, a model whose keys/values cache can be expanded): each distinct context (the same
+  token ids and content start; with lm-eval's tokenization the choices of one row may have different
+  context ids) runs once, left-padded with other contexts into a batch, keeping its keys and values. The
+  logits of its last position score every choice's first token; the cache is then expanded to the
+  context's choices (`Cache.reorder_cache`) and one pass over the choice tokens alone, right-padded,
+  scores the rest. ReFT edits go on the context pass only (through the ReftModel, which edits that pass's
+  prompt positions); the choice pass runs through the model underneath, whose hooks find no edit to make.
+  A batch holds whole contexts with at most `batch_size` choices between them (at least one context).
+- full (several processes, FSDP, caches that cannot be expanded, or `cache=False`): every (prompt + choice)
+  sequence is scored in one forward pass: sequences of all rows and all choices are sorted by length and
+  batched together, left-padded by `heft.tokens.train_batch`, so only the logits of the last (longest
+  choice + 1) positions are computed. ReFT edits go on the prompt positions only (train_batch's
+  `prompt_start`/`prompt_len`), so every choice of a row sees the same edited context, as in training.
+  Under several processes each scores an interleaved share of the sequences and the log-likelihoods are
+  gathered; under FSDP the shares are padded so every process runs the same passes.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Sequence
 
@@ -30,10 +42,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .tokens import Encoded, train_batch
+from . import sharding
+from .tokens import Encoded, prompt_batch, train_batch
 from .errors import DataError
 from .evaluate import _gather, _share, wilson_interval
+from .reft import ReftModel
 from .runtime import Runtime, model_forward
+
+logger = logging.getLogger(__name__)
 
 
 def choose(lls: Sequence[float], chars: Sequence[int] | None = None) -> int:
@@ -66,19 +82,47 @@ def _check(rows: list[Encoded], choice_chars: list[list[int]] | None) -> None:
                 raise DataError(f"choice_chars[{i}]: {c!r}; give {n} positive character counts, one per choice")
 
 
+Scores = dict[tuple[int, int], tuple[float, bool]]  # (row, choice) -> (log-likelihood, greedy)
+
+
 @torch.no_grad()
 def score_choices(model: nn.Module, rows: list[Encoded], choice_chars: list[list[int]] | None, *, batch_size: int,
-                  pad_id: int, rt: Runtime, desc: str = "eval") -> list[dict[str, Any]]:
+                  pad_id: int, rt: Runtime, desc: str = "eval", cache: bool | None = None) -> list[dict[str, Any]]:
     """Per row, in the order of `rows`: {label, pred, pred_norm, lls, greedy}.
 
     `rows[i].answers` holds row i's choices (any number, at least one token each) and `rows[i].label` the
     index of the right one. `choice_chars[i][j]` is the length in characters of choice j's text (lm-eval:
     the choice string without its leading space), which acc_norm divides by; with None, `pred_norm` is
     None. `lls[j]` is the summed log-likelihood of choice j's tokens given the prompt, `greedy[j]` whether
-    each of them is the argmax.
+    each of them is the argmax. `cache`: None chooses the route (see the module docstring), False takes the
+    full route, True the cached one (ValueError where it cannot run).
     """
     _check(rows, choice_chars)
     model.eval()
+    got: Scores | None = None
+    usable = rt.num_processes == 1 and not sharding.is_sharded(model)
+    if cache and not usable:
+        raise ValueError("score_choices(cache=True): the cached route runs in one process without FSDP; "
+                         "use cache=None to choose automatically")
+    if cache is not False and usable:
+        got = _score_cached(model, rows, batch_size=batch_size, pad_id=pad_id, rt=rt, desc=desc)
+        if got is None and cache:
+            raise ValueError("score_choices(cache=True): this model's keys/values cache cannot be expanded to the "
+                             "choices; use cache=None to choose automatically")
+    if got is None:
+        got = _score_full(model, rows, batch_size=batch_size, pad_id=pad_id, rt=rt, desc=desc)
+    out = []
+    for i, r in enumerate(rows):
+        lls = [got[i, j][0] for j in range(len(r.answers))]
+        out.append({"label": int(r.label), "pred": choose(lls),
+                    "pred_norm": choose(lls, choice_chars[i]) if choice_chars is not None else None,
+                    "lls": lls, "greedy": [got[i, j][1] for j in range(len(r.answers))]})
+    return out
+
+
+def _score_full(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int, rt: Runtime,
+                desc: str) -> Scores:
+    """Every (prompt + choice) sequence in full, shared across processes (see the module docstring)."""
     device = rt.device
     seqs = [(i, j) for i, r in enumerate(rows) for j in range(len(r.answers))]  # one per (row, choice)
     plen = [len(rows[i].prompt_for(j)) for i, j in seqs]
@@ -106,14 +150,119 @@ def score_choices(model: nn.Module, rows: list[Encoded], choice_chars: list[list
             if start + k >= real:
                 break  # padding (FSDP): scored by another process
             out[s] = (float(ll[k]), bool(top[k]))
-    lls: list[list[float]] = [[] for _ in rows]
-    greedy: list[list[bool]] = [[] for _ in rows]
-    for (i, _), (v, g) in zip(seqs, _gather(out, rt)):  # seqs run row by row, choice by choice
-        lls[i].append(v)
-        greedy[i].append(g)
-    return [{"label": int(r.label), "pred": choose(lls[i]),
-             "pred_norm": choose(lls[i], choice_chars[i]) if choice_chars is not None else None,
-             "lls": lls[i], "greedy": greedy[i]} for i, r in enumerate(rows)]
+    return dict(zip(seqs, _gather(out, rt)))
+
+
+# ----------------------------------------------------------------------------- the cached route
+
+
+def _contexts(rows: list[Encoded]) -> list[tuple[list[int], int, list[tuple[int, int]]]]:
+    """Distinct contexts: (context ids, content start, the (row, choice) pairs that follow it), first seen first.
+
+    Keyed by ids and content start (where ReFT's first group starts), so rows that share a context (lm-eval's
+    requests arrive one choice a row) share its pass too, and a row whose choices have different context ids
+    (lm-eval's split of context + choice) gets one pass per distinct context."""
+    seen: dict[tuple[tuple[int, ...], int], list[tuple[int, int]]] = {}
+    for i, r in enumerate(rows):
+        for j in range(len(r.answers)):
+            seen.setdefault((tuple(r.prompt_for(j)), r.content_start), []).append((i, j))
+    return [(list(ids), skip, pairs) for (ids, skip), pairs in seen.items()]
+
+
+def _expandable(past: Any, longest: int) -> bool:
+    """Whether `past` is a keys/values cache whose batch rows can be repeated and that keeps every position of
+    a sequence of `longest` tokens (a sliding-window layer shorter than that would drop some)."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    if not isinstance(past, Cache) or not getattr(past, "layers", None):
+        return False
+    for layer in past.layers:
+        if type(layer).__name__ not in ("DynamicLayer", "DynamicSlidingWindowLayer") or not isinstance(layer, DynamicLayer):
+            return False  # quantized, static, linear-attention or indexed layers: the full route
+        if getattr(layer, "is_sliding", False) and longest >= layer.sliding_window - 1:
+            return False
+    return True
+
+
+def _cache_field() -> str:
+    """The forward argument and output field that hold the keys/values cache: `cache` in recent transformers 5.x,
+    `past_key_values` in earlier ones (still accepted there, with a deprecation warning)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
+def _score_cached(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int, rt: Runtime,
+                  desc: str) -> Scores | None:
+    """Each distinct context once, its choices after its cached keys/values; None when the model's cache cannot
+    be expanded (found on the first context pass, before anything is scored)."""
+    device = rt.device
+    inner = getattr(model, "module", model)
+    plain = inner.model if isinstance(inner, ReftModel) else inner  # runs a pass with no edits
+    field = _cache_field()
+    contexts = _contexts(rows)
+    longest = max(len(ids) + len(rows[i].answers[j]) for ids, _, pairs in contexts for i, j in pairs)
+    n_choice = [len(pairs) for _, _, pairs in contexts]
+    width = [max(len(rows[i].answers[j]) for i, j in pairs) for _, _, pairs in contexts]
+    order = sorted(range(len(contexts)), key=lambda c: (-len(contexts[c][0]), -width[c], c))
+    batches: list[list[int]] = []
+    for c in order:  # whole contexts, at most batch_size choices between them (at least one context)
+        if batches and sum(n_choice[b] for b in batches[-1]) + n_choice[c] <= batch_size:
+            batches[-1].append(c)
+        else:
+            batches.append([c])
+    out: Scores = {}
+    for cs in tqdm(batches, desc=desc, unit="batch", mininterval=2.0, disable=not rt.main):
+        batch = {k: v.to(device) for k, v in prompt_batch([contexts[c][0] for c in cs], pad_id,
+                                                          [contexts[c][1] for c in cs]).items()}
+        kwargs: dict[str, Any] = dict(attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                                      logits_to_keep=1, use_cache=True)
+        if isinstance(inner, ReftModel):  # the edits go on this pass's prompt positions, and only on this pass
+            kwargs.update(prompt_start=batch["prompt_start"], prompt_len=batch["prompt_len"])
+        with rt.autocast():
+            res = model(input_ids=batch["input_ids"], **kwargs)
+        past = getattr(res, field, None)
+        if not out and not _expandable(past, longest):
+            logger.info("%s: this model's keys/values cache cannot be expanded to the choices; scoring every "
+                        "context + choice in full", desc)
+            return None
+        pairs = [p for c in cs for p in contexts[c][2]]  # (row, choice), context by context
+        owner = torch.tensor([b for b, c in enumerate(cs) for _ in contexts[c][2]], device=device)  # (N,)
+        answers = [rows[i].answers[j] for i, j in pairs]
+        # the first choice token, from the logits of the context's last position
+        last = res.logits[:, -1].float()  # (C, V)
+        first = torch.tensor([a[0] for a in answers], device=device)  # (N,)
+        ll = last[owner].gather(1, first[:, None])[:, 0] - torch.logsumexp(last, dim=-1)[owner]  # (N,)
+        top = last.argmax(-1)[owner] == first  # (N,)
+        multi = [n for n, a in enumerate(answers) if len(a) > 1]  # choices with tokens after the first
+        if multi:
+            w = max(len(answers[n]) for n in multi) - 1
+            ids = torch.full((len(multi), w), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(multi), w), dtype=torch.long)
+            tgt = torch.full((len(multi), w), -100, dtype=torch.long)
+            for m, n in enumerate(multi):  # right-padded: token t predicts token t + 1 of the same choice
+                a = answers[n]
+                ids[m, :len(a) - 1] = torch.tensor(a[:-1])
+                mask[m, :len(a) - 1] = 1
+                tgt[m, :len(a) - 1] = torch.tensor(a[1:])
+            ids, mask, tgt = ids.to(device), mask.to(device), tgt.to(device)
+            sel = owner[torch.tensor(multi, device=device)]  # (M,) the context row of each choice
+            past.reorder_cache(sel)  # (C, ...) -> (M, ...): each choice gets its context's keys and values
+            ctx_len = batch["attention_mask"].sum(1)[sel]  # (M,) real context tokens
+            with rt.autocast():
+                logits = plain(input_ids=ids, attention_mask=torch.cat([batch["attention_mask"][sel], mask], 1),
+                               position_ids=ctx_len[:, None] + torch.arange(w, device=device)[None, :],
+                               use_cache=True, logits_to_keep=w, **{field: past}).logits.float()  # (M, w, V)
+            is_tok = tgt != -100
+            tok_lp = logits.gather(2, tgt.clamp(min=0)[:, :, None])[:, :, 0] - torch.logsumexp(logits, dim=-1)
+            rest = torch.zeros(len(answers), device=device)
+            rest[torch.tensor(multi, device=device)] = torch.where(is_tok, tok_lp, 0.0).sum(1)
+            rest_top = torch.ones(len(answers), dtype=torch.bool, device=device)
+            rest_top[torch.tensor(multi, device=device)] = ((logits.argmax(-1) == tgt) | ~is_tok).all(1)
+            ll, top = ll + rest, top & rest_top
+        for p, v, g in zip(pairs, ll.cpu().tolist(), top.cpu().tolist()):
+            out[p] = (float(v), bool(g))
+    return out
 
 
 def choice_accuracy(preds: list[dict[str, Any]]) -> dict[str, Any]:
