@@ -172,13 +172,13 @@ def _contexts(rows: list[Encoded]) -> list[tuple[list[int], int, list[tuple[int,
 def _expandable(past: Any, longest: int) -> bool:
     """Whether `past` is a keys/values cache whose batch rows can be repeated and that keeps every position of
     a sequence of `longest` tokens (a sliding-window layer shorter than that would drop some)."""
-    from transformers.cache_utils import Cache, DynamicLayer
+    from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
     if not isinstance(past, Cache) or not getattr(past, "layers", None):
         return False
     for layer in past.layers:
-        if type(layer).__name__ not in ("DynamicLayer", "DynamicSlidingWindowLayer") or not isinstance(layer, DynamicLayer):
-            return False  # quantized, static, linear-attention or indexed layers: the full route
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            return False  # quantized, static, linear-attention or indexed layers (subclasses too): the full route
         if getattr(layer, "is_sliding", False) and longest >= layer.sliding_window - 1:
             return False
     return True
