@@ -179,7 +179,9 @@ def _setup(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], no_decay
     batches = BucketBatches([len(r.prompt) + len(r.answers[r.label]) for r in rows], stage.batch_size * world, seed, bucketing)
     total_micro = max(1, round(stage.epochs * len(batches)))
     total_steps = math.ceil(total_micro / stage.grad_accum)
-    optimizer = torch.optim.AdamW(param_groups(trainable, stage.weight_decay, no_decay), lr=stage.lr)
+    # foreach: one multi-tensor kernel per update op instead of a Python loop over every small tensor (ReFT: 3 per
+    # intervention); the same arithmetic
+    optimizer = torch.optim.AdamW(param_groups(trainable, stage.weight_decay, no_decay), lr=stage.lr, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage, total_steps))
     names = {id(p): n for n, p in model.named_parameters()}
     model, optimizer = rt.accelerator.prepare(model, optimizer)

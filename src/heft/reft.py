@@ -57,7 +57,17 @@ def orthonormal_rows(a: torch.Tensor) -> torch.Tensor:
 
 def _offset(b: torch.Tensor, x: torch.Tensor, relative: bool) -> torch.Tensor:
     """The edit's input-independent term: b, or with `reft.offset: relative` b times each state's RMS (..., 1)."""
-    return b * x.pow(2).mean(-1, keepdim=True).sqrt() if relative else b
+    return b * x.float().pow(2).mean(-1, keepdim=True).sqrt() if relative else b
+
+
+def _compute_input(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """h as the edit's matmuls take it: as is under autocast (which casts matmul inputs itself, so no round trip
+    through the parameters' dtype), else in the parameters' dtype (fp32 interventions on a bf16 model)."""
+    return h if torch.is_autocast_enabled(h.device.type) else h.to(weight.dtype)
+
+
+def _maybe_dropout(dropout: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    return dropout(x) if dropout.p > 0 else x  # p = 0 (the default): not even an identity call per edit
 
 
 class LoReFT(nn.Module):
@@ -81,11 +91,11 @@ class LoReFT(nn.Module):
         return orthonormal_rows(self.rotation) if self.orthogonal else self.rotation
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
-        """The edit Phi(h) - h for h of shape (..., d)."""
+        """The edit Phi(h) - h for h of shape (..., d): R^T ((W - R) h + b), one matmul each way."""
         R = self.R()
-        x = h.to(self.weight.dtype)
-        low = x @ self.weight.T + _offset(self.bias, x, self.relative) - x @ R.T.to(x.dtype)  # (..., r)
-        return self.dropout(low @ R.to(x.dtype))  # (..., d)
+        x = _compute_input(h, self.weight)
+        low = x @ (self.weight - R.to(self.weight.dtype)).T + _offset(self.bias, x, self.relative)  # (..., r)
+        return _maybe_dropout(self.dropout, low @ R.to(low.dtype))  # (..., d)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.delta(h).to(h.dtype)
@@ -115,8 +125,8 @@ class DiReFT(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
-        x = h.to(self.weight.dtype)
-        return self.dropout((x @ self.weight.T + _offset(self.bias, x, self.relative)) @ self.up)
+        x = _compute_input(h, self.weight)
+        return _maybe_dropout(self.dropout, (x @ self.weight.T + _offset(self.bias, x, self.relative)) @ self.up)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.delta(h).to(h.dtype)
@@ -176,9 +186,12 @@ def prompt_positions(
 
 @dataclass
 class _Context:
-    """Where to intervene during one forward pass (or the prompt pass of one `generate`)."""
+    """Where to intervene during one forward pass (or the prompt pass of one `generate`): the edited positions of
+    every group side by side, `idx` (B, k) and `valid` (B, k, 1), and each intervention group's column range."""
 
-    groups: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    idx: torch.Tensor
+    valid: torch.Tensor
+    slices: list[tuple[int, int]]
     seq_len: int
     passes_allowed: int | None = None  # generation: only the first model pass (the prompt) is edited
     passes: int = 0
@@ -217,22 +230,28 @@ class ReftModel(nn.Module):
                     return output
                 if layer == self.layer_ids[-1]:  # the highest edited layer runs last: this pass is done
                     ctx.passes += 1
-            for group in self.groups:
-                if group == "both":
-                    idx = torch.cat([ctx.groups[g][0] for g in ctx.groups], dim=1)
-                    valid = torch.cat([ctx.groups[g][1] for g in ctx.groups], dim=1)
-                else:
-                    idx, valid = ctx.groups[group]
-                idx_d = idx[:, :, None].expand(-1, -1, h.shape[-1])  # (B, k, d)
-                sel = h.gather(1, idx_d)
-                delta = self.interventions[f"L{layer}_{group}"].delta(sel) * valid[:, :, None]
-                h = h.scatter_add(1, idx_d, delta.to(h.dtype))
+            # one gather and one scatter per layer for all groups (their positions never overlap)
+            idx_d = ctx.idx[:, :, None].expand(-1, -1, h.shape[-1])  # (B, k, d)
+            sel = h.gather(1, idx_d)
+            parts = [self.interventions[f"L{layer}_{g}"].delta(sel[:, a:b]) for g, (a, b) in zip(self.groups, ctx.slices)]
+            delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            h = h.scatter_add(1, idx_d, (delta * ctx.valid).to(h.dtype))
             return (h, *output[1:]) if isinstance(output, tuple) else h
 
         return hook
 
     def _set(self, seq_len: int, prompt_start: torch.Tensor, prompt_len: torch.Tensor, passes: int | None) -> None:
-        self._ctx = _Context(prompt_positions(prompt_start, prompt_len, self.cfg.positions), seq_len, passes)
+        groups = prompt_positions(prompt_start, prompt_len, self.cfg.positions)
+        names = list(groups)  # "first", "last": the order of self.groups when untied
+        widths = [groups[g][0].shape[1] for g in names]
+        if self.groups == ["both"]:
+            slices = [(0, sum(widths))]
+        else:
+            ends = [sum(widths[:i + 1]) for i in range(len(widths))]
+            slices = [(e - w, e) for e, w in zip(ends, widths)]
+        idx = torch.cat([groups[g][0] for g in names], dim=1)
+        valid = torch.cat([groups[g][1] for g in names], dim=1)[:, :, None]
+        self._ctx = _Context(idx, valid, slices, seq_len, passes)
 
     # -- API
     def forward(self, input_ids: torch.Tensor, prompt_start: torch.Tensor, prompt_len: torch.Tensor, **kwargs: Any) -> Any:
