@@ -22,7 +22,6 @@ call (the model is loaded inside it); on a shared machine they are informational
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -34,7 +33,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TASK = "arc_easy_bridge"
-LETTERS = "ABCDEFGHIJ"
 
 
 def argmax(values: list[float]) -> int:  # numpy's: first maximum, first NaN
@@ -49,15 +47,11 @@ def write_task(rows: list, folder: Path) -> dict:
     import lm_eval
     import yaml
 
+    sys.path.insert(0, str(HERE))
+    from mc_vs_lm_eval import write_arc_docs
+
     data = folder / "arc_easy_docs.jsonl"
-    with open(data, "w") as f:
-        for r in rows:
-            ctx = r.context
-            assert ctx.startswith("Question: ") and ctx.endswith("\nAnswer:"), ctx
-            labels = list(LETTERS[:len(r.choices)])
-            f.write(json.dumps({"id": f"arc_easy-{r.idx}", "question": ctx[len("Question: "):-len("\nAnswer:")],
-                                "choices": {"text": list(r.choices), "label": labels},
-                                "answerKey": labels[int(r.label)]}, ensure_ascii=False) + "\n")
+    write_arc_docs(rows, data)
     task = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / "arc" / "arc_easy.yaml").read_text())
     for k in ("tag", "dataset_name", "training_split", "validation_split"):
         task.pop(k, None)

@@ -57,6 +57,19 @@ TASK = "arc_easy_heft"
 LETTERS = "ABCDEFGHIJ"
 
 
+def write_arc_docs(rows: list, path: Path) -> None:
+    """heft's ARC-Easy rows back as the dataset's own documents (question, choices, answerKey), one JSON line each,
+    for lm-eval's arc_easy.yaml to read from a local file."""
+    with open(path, "w") as f:
+        for r in rows:
+            ctx = r.context
+            assert ctx.startswith("Question: ") and ctx.endswith("\nAnswer:"), ctx
+            labels = list(LETTERS[:len(r.choices)])
+            f.write(json.dumps({"id": f"arc_easy-{r.idx}", "question": ctx[len("Question: "):-len("\nAnswer:")],
+                                "choices": {"text": list(r.choices), "label": labels},
+                                "answerKey": labels[int(r.label)]}, ensure_ascii=False) + "\n")
+
+
 # ----------------------------------------------------------------------------- inside lm-eval's environment
 
 
@@ -241,14 +254,7 @@ def run_lm_eval(args, rows, model_path: str, adds_bos: bool, env: dict, tmp: Pat
     except SystemExit as e:  # peer_venv reports a failed pip install this way
         raise RuntimeError(f"building lm-eval's environment failed: {e}") from None
     data_file = tmp / "arc_easy_docs.jsonl"
-    with open(data_file, "w") as f:
-        for r in rows:
-            ctx = r.context
-            assert ctx.startswith("Question: ") and ctx.endswith("\nAnswer:"), ctx
-            labels = list(LETTERS[:len(r.choices)])
-            f.write(json.dumps({"id": f"arc_easy-{r.idx}", "question": ctx[len("Question: "):-len("\nAnswer:")],
-                                "choices": {"text": list(r.choices), "label": labels},
-                                "answerKey": labels[int(r.label)]}, ensure_ascii=False) + "\n")
+    write_arc_docs(rows, data_file)
     (tmp / "tasks").mkdir()
     site = sorted({str(Path(m.__file__).resolve().parent.parent) for m in (torch, transformers)})
     spec = {"data_file": str(data_file), "task_dir": str(tmp / "tasks"), "heft_site_packages": site,
