@@ -207,11 +207,11 @@ class HeftLM(LM):
             keep = max(len(windows[k][1]) for k in idx)
             with self.rt.autocast():
                 logits = model_forward(model, batch, keep).float()  # (B, keep, V)
-            logp = torch.log_softmax(logits, dim=-1)
-            for b, k in enumerate(idx):
+            for b, k in enumerate(idx):  # row by row: no second (B, keep, V) tensor of log-probabilities
                 pred = windows[k][1]
-                tgt = torch.tensor(pred, device=logp.device)
-                out[k] = float(logp[b, keep - len(pred):].gather(1, tgt[:, None]).sum())
+                tgt = torch.tensor(pred, device=logits.device)
+                rows = logits[b, keep - len(pred):]  # (len(pred), V)
+                out[k] = float((rows.gather(1, tgt[:, None])[:, 0] - torch.logsumexp(rows, dim=-1)).sum())
         return out
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
