@@ -45,9 +45,9 @@ from tqdm.auto import tqdm
 from . import sharding
 from .tokens import Encoded, prompt_batch, train_batch
 from .errors import DataError
-from .evaluate import _gather, _share, wilson_interval
 from .reft import ReftModel
-from .runtime import Runtime, model_forward
+from .runtime import Runtime, gather_rows, model_forward, share_rows
+from .stats import wilson_interval
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def _score_full(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_i
     clen = [len(rows[i].answers[j]) for i, j in seqs]
     # longest first (a batch that does not fit shows at once), then by choice length: similar widths and keeps
     order = sorted(range(len(seqs)), key=lambda s: (-(plen[s] + clen[s]), -clen[s], s))
-    order, real = _share(order, model, rt)  # this process's share of the sequences, gathered below
+    order, real = share_rows(order, model, rt)  # this process's share of the sequences, gathered below
     out: list[tuple[float, bool] | None] = [None] * len(seqs)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", mininterval=2.0,
                       disable=not rt.main):
@@ -150,7 +150,7 @@ def _score_full(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_i
             if start + k >= real:
                 break  # padding (FSDP): scored by another process
             out[s] = (float(ll[k]), bool(top[k]))
-    return dict(zip(seqs, _gather(out, rt)))
+    return dict(zip(seqs, gather_rows(out, rt)))
 
 
 # ----------------------------------------------------------------------------- the cached route

@@ -8,7 +8,6 @@ Accuracy comes with a 95% Wilson score interval.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
@@ -20,17 +19,8 @@ from . import sharding
 from .config import DataConfig, EvalConfig
 from .data import Example, majority_choice, majority_label
 from .tokens import Encoded, prompt_batch, train_batch
-from .runtime import Runtime, model_forward
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for a binomial proportion."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+from .runtime import Runtime, gather_rows, model_forward, share_rows
+from .stats import wilson_interval  # noqa: F401  (heft.evaluate.wilson_interval, as before)
 
 
 def _shared_prefix(a: list[int], b: list[int]) -> int:
@@ -60,7 +50,7 @@ def score(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int
     model.eval()
     device = rt.device
     order = sorted(range(len(rows)), key=lambda i: -(len(rows[i].prompt)))  # similar lengths together
-    order, real = _share(order, model, rt)  # this process's share, gathered below
+    order, real = share_rows(order, model, rt)  # this process's share, gathered below
     out: list[dict[str, Any] | None] = [None] * len(rows)
     splits = [single_token_split(r) for r in rows]
     fast = all(s is not None for s in splits)
@@ -99,28 +89,7 @@ def score(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int
             pred = bool(lp[j, 1] > lp[j, 0])
             out[i] = {"label": bool(rows[i].label), "pred": pred, "p_yes": float(p_yes[j]),
                       "lp_no": float(lp[j, 0]), "lp_yes": float(lp[j, 1])}
-    return _gather(out, rt)
-
-
-def _share(order: list[int], model: nn.Module, rt: Runtime) -> tuple[list[int], int]:
-    """This process's rows (every num_processes-th of `order`) and how many of them are its own.
-
-    Under FSDP every forward pass is a collective, so every process must run the same number: the
-    shorter shares are padded with a row another process scores, whose result is dropped."""
-    world = rt.num_processes
-    mine = order[rt.process_index::world]
-    real = len(mine)
-    if world > 1 and sharding.is_sharded(model) and order:
-        mine = mine + [order[0]] * (-(-len(order) // world) - real)
-    return mine, real
-
-
-def _gather(out: list[dict[str, Any] | None], rt: Runtime) -> list[dict[str, Any]]:
-    """Merge every process's share of the rows; each row is scored by exactly one process."""
-    for i, pred in rt.gather_objects([(i, p) for i, p in enumerate(out) if p is not None]):
-        out[i] = pred
-    assert all(p is not None for p in out), "a row was scored by no process"
-    return out  # type: ignore[return-value]
+    return gather_rows(out, rt)
 
 
 @torch.no_grad()
@@ -132,7 +101,7 @@ def generate_texts(model: nn.Module, rows: list[Encoded], tokenizer: Any, *, bat
     device = rt.device
     out: list[str | None] = [None] * len(rows)
     inner = getattr(model, "module", model)
-    mine, real = _share(list(range(len(rows))), inner, rt)
+    mine, real = share_rows(list(range(len(rows))), inner, rt)
     sync = sharding.is_sharded(inner) and rt.num_processes > 1  # every process decodes until all are done
     for start in tqdm(range(0, len(mine), batch_size), desc=desc, unit="batch", mininterval=2.0, disable=not rt.main):
         ids = mine[start:start + batch_size]
@@ -159,7 +128,7 @@ def generate_texts(model: nn.Module, rows: list[Encoded], tokenizer: Any, *, bat
             if start + j >= real:
                 break  # padding (FSDP): decoded by another process
             out[i] = tokenizer.decode(s[width:], skip_special_tokens=True)
-    return _gather(out, rt)
+    return gather_rows(out, rt)
 
 
 def _generate(inner: nn.Module, batch: dict[str, torch.Tensor], kwargs: dict[str, Any]) -> torch.Tensor:

@@ -216,7 +216,7 @@ def generation_metrics(preds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     Unparseable answers (``pred`` None) count as wrong and are also reported in ``unparseable``.
     Returns accuracy, correct, n, unparseable and ci95 (95% Wilson interval as a (low, high) tuple).
     """
-    from .evaluate import wilson_interval  # pulls torch; only needed here
+    from .stats import wilson_interval
 
     correct = unparseable = 0
     for i, row in enumerate(preds):

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import sharding
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -117,3 +118,24 @@ def model_forward(model: nn.Module, batch: dict[str, torch.Tensor], keep: int) -
     if hasattr(inner, "interventions"):
         kwargs.update(prompt_start=batch["prompt_start"], prompt_len=batch["prompt_len"])
     return model(input_ids=batch["input_ids"], **kwargs).logits
+
+
+def share_rows(order: list[int], model: nn.Module, rt: Runtime) -> tuple[list[int], int]:
+    """This process's rows (every num_processes-th of `order`) and how many of them are its own.
+
+    Under FSDP every forward pass is a collective, so every process must run the same number: the
+    shorter shares are padded with a row another process scores, whose result is dropped."""
+    world = rt.num_processes
+    mine = order[rt.process_index::world]
+    real = len(mine)
+    if world > 1 and sharding.is_sharded(model) and order:
+        mine = mine + [order[0]] * (-(-len(order) // world) - real)
+    return mine, real
+
+
+def gather_rows(out: list[dict[str, Any] | None], rt: Runtime) -> list[dict[str, Any]]:
+    """Merge every process's share of the rows; each row is scored by exactly one process."""
+    for i, pred in rt.gather_objects([(i, p) for i, p in enumerate(out) if p is not None]):
+        out[i] = pred
+    assert all(p is not None for p in out), "a row was scored by no process"
+    return out  # type: ignore[return-value]

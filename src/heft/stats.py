@@ -72,3 +72,13 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, resamples: int = 10_000, s
     lo, hi = np.percentile(means, [2.5, 97.5])
     p = min(1.0, 2 * min(float((means <= 0).mean()), float((means >= 0).mean())))
     return {"diff": float(diff.mean()), "ci95": [float(lo), float(hi)], "p": p}
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial proportion."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
