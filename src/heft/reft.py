@@ -243,12 +243,10 @@ class ReftModel(nn.Module):
     def _set(self, seq_len: int, prompt_start: torch.Tensor, prompt_len: torch.Tensor, passes: int | None) -> None:
         groups = prompt_positions(prompt_start, prompt_len, self.cfg.positions)
         names = list(groups)  # "first", "last": the order of self.groups when untied
-        widths = [groups[g][0].shape[1] for g in names]
-        if self.groups == ["both"]:
-            slices = [(0, sum(widths))]
-        else:
-            ends = [sum(widths[:i + 1]) for i in range(len(widths))]
-            slices = [(e - w, e) for e, w in zip(ends, widths)]
+        bounds = [0]
+        for g in names:
+            bounds.append(bounds[-1] + groups[g][0].shape[1])
+        slices = [(0, bounds[-1])] if self.groups == ["both"] else list(zip(bounds, bounds[1:]))
         idx = torch.cat([groups[g][0] for g in names], dim=1)
         valid = torch.cat([groups[g][1] for g in names], dim=1)[:, :, None]
         self._ctx = _Context(idx, valid, slices, seq_len, passes)
@@ -351,15 +349,6 @@ def read_reft_config(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: missing; {folder} does not hold a ReFT stage") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e}); the file is corrupt or truncated") from None
-
-
-def reft_config_from_saved(meta: dict[str, Any]) -> ReftConfig:
-    """The ReftConfig that rebuilds the interventions described by a saved `reft_config.json`."""
-    return ReftConfig(
-        kind=meta["kind"], rank=meta["rank"], layers=tuple(meta["layers"]),
-        positions=PositionsConfig(**meta["positions"]), tied=meta["tied"], init=meta["init"], dropout=meta["dropout"],
-        offset=meta.get("offset", "absolute"),  # folders written before heft had the field: plain LoReFT
-    )
 
 
 def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
