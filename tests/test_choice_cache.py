@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from heft.choices import _cache_field, score_choices
+from heft.choices import score_choices
+from heft.kvcache import cache_field
 from heft.config import LoraConfig, PositionsConfig, ReftConfig
 from heft.lora import attach
 from heft.model import decoder_layers, hidden_size
@@ -168,7 +169,7 @@ def test_full_route_when_the_cache_cannot_be_expanded(tiny, monkeypatch):
 
         def forward(self, **kwargs: Any) -> Any:
             out = self.inner(**kwargs)
-            setattr(out, _cache_field(), None)
+            setattr(out, cache_field(), None)
             return out
 
     wrapped = NoCache(model)

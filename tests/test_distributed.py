@@ -86,6 +86,22 @@ def test_two_processes_match_one(single, tmp_path):
     assert_same_run(ref, tmp_path / "ddp")
 
 
+def test_two_processes_reuse_frozen_prefixes_and_match_one(single, tmp_path):
+    """ReFT on the last positions only: every process keeps the prefixes of the rows it trains on (heft.prefix),
+    through DDP's wrapper, and the run equals one process's."""
+    cfg, _ = single
+    raw = yaml.safe_load(cfg.read_text())
+    raw["reft"]["positions"] = {"first": 0, "last": 3}
+    last = tmp_path / "last.yaml"
+    last.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(last), "--out", str(tmp_path / "one"),
+                 "--stages.0.batch_size", "8", "--stages.1.batch_size", "8"]) == 0
+    proc = torchrun("-m", "heft", "train", "--config", str(last), "--out", str(tmp_path / "ddp"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "come before the first edited position" in proc.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "ddp")
+
+
 def test_accelerate_launch_runs_two_processes(single, tmp_path):
     # `accelerate launch --cpu --num_processes 2` and `distributed_type: MULTI_CPU` start ONE process
     # in accelerate 1.15 (no MPI); the shipped config starts two through torchrun, joined with gloo.

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from . import sharding
 from .tokens import Encoded, prompt_batch, train_batch
 from .errors import DataError
+from .kvcache import cache_field, regroupable
 from .reft import ReftModel
 from .runtime import Runtime, gather_rows, model_forward, share_rows
 from .stats import wilson_interval
@@ -169,29 +170,6 @@ def _contexts(rows: list[Encoded]) -> list[tuple[list[int], int, list[tuple[int,
     return [(list(ids), skip, pairs) for (ids, skip), pairs in seen.items()]
 
 
-def _expandable(past: Any, longest: int) -> bool:
-    """Whether `past` is a keys/values cache whose batch rows can be repeated and that keeps every position of
-    a sequence of `longest` tokens (a sliding-window layer shorter than that would drop some)."""
-    from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
-
-    if not isinstance(past, Cache) or not getattr(past, "layers", None):
-        return False
-    for layer in past.layers:
-        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
-            return False  # quantized, static, linear-attention or indexed layers (subclasses too): the full route
-        if getattr(layer, "is_sliding", False) and longest >= layer.sliding_window - 1:
-            return False
-    return True
-
-
-def _cache_field() -> str:
-    """The forward argument and output field that hold the keys/values cache: `cache` in recent transformers 5.x,
-    `past_key_values` in earlier ones (still accepted there, with a deprecation warning)."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    return "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
-
-
 def _score_cached(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int, rt: Runtime,
                   desc: str) -> Scores | None:
     """Each distinct context once, its choices after its cached keys/values; None when the model's cache cannot
@@ -199,7 +177,7 @@ def _score_cached(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad
     device = rt.device
     inner = getattr(model, "module", model)
     plain = inner.model if isinstance(inner, ReftModel) else inner  # runs a pass with no edits
-    field = _cache_field()
+    field = cache_field()
     contexts = _contexts(rows)
     longest = max(len(ids) + len(rows[i].answers[j]) for ids, _, pairs in contexts for i, j in pairs)
     n_choice = [len(pairs) for _, _, pairs in contexts]
@@ -222,7 +200,7 @@ def _score_cached(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad
         with rt.autocast():
             res = model(input_ids=batch["input_ids"], **kwargs)
         past = getattr(res, field, None)
-        if not out and not _expandable(past, longest):
+        if not out and not regroupable(past, longest):
             logger.info("%s: this model's keys/values cache cannot be expanded to the choices; scoring every "
                         "context + choice in full", desc)
             return None

@@ -34,7 +34,9 @@ from . import checkpoint, io, sharding
 from .config import StageConfig
 from .tokens import BucketBatches, Encoded, train_batch
 from .errors import HeftError
+from .prefix import FrozenPrefix, why_not
 from .records import StageProgress
+from .reft import ReftModel
 from .runtime import Runtime, model_forward
 
 logger = logging.getLogger(__name__)
@@ -169,6 +171,7 @@ class _Setup:
     scheduler: Any
     batches: BucketBatches
     total_micro: int
+    prefix: FrozenPrefix | None = None
 
 
 def _setup(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], no_decay: set[str], rows: list[Encoded],
@@ -231,13 +234,23 @@ def _micro_step(st: _Setup, rows: list[Encoded], idx: list[int], rt: Runtime, pa
     # Sum over this process's answer tokens / all processes' answer tokens, times world: DDP's mean
     # of the gradients is then exactly the gradient of the global batch's mean loss.
     global_answer_tokens = sum(len(rows[i].answers[rows[i].label]) for part in shards for i in part)
-    cpu_batch = train_batch([rows[i] for i in shards[rank]], pad_id)
-    keep = int(cpu_batch.pop("logits_to_keep"))
     tokens = sum(len(rows[i].prompt) + len(rows[i].answers[rows[i].label]) for i in idx)
-    batch = {k: v.to(rt.device, non_blocking=True) for k, v in cpu_batch.items()}
+    split = st.prefix.batch(shards[rank]) if st.prefix is not None else None
+    if st.prefix is not None and split is None:
+        logger.info("%s: full path from here on: %s", st.prefix.desc, st.prefix.failed)
+        st.prefix = None
+    if split is None:
+        cpu_batch = train_batch([rows[i] for i in shards[rank]], pad_id)
+        keep = int(cpu_batch.pop("logits_to_keep"))
+        batch = {k: v.to(rt.device, non_blocking=True) for k, v in cpu_batch.items()}
     with contextlib.nullcontext() if boundary else rt.accelerator.no_sync(st.model):
         with rt.autocast():
-            loss_sum = answer_loss(model_forward(st.model, batch, keep), batch["targets"], reduction="sum")
+            if split is None:
+                logits, targets = model_forward(st.model, batch, keep), batch["targets"]
+            else:  # the edited tokens and the answer, after the frozen prefix's keys/values (heft.prefix)
+                kwargs, targets, keep = split
+                logits = st.model(**kwargs).logits
+            loss_sum = answer_loss(logits, targets, reduction="sum")
             loss = loss_sum * (world / global_answer_tokens)
         rt.accelerator.backward(loss / grad_accum)
     return loss.detach(), tokens
@@ -246,13 +259,16 @@ def _micro_step(st: _Setup, rows: list[Encoded], idx: list[int], rt: Runtime, pa
 def train_stage(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], no_decay: set[str], rows: list[Encoded],
                 stage: StageConfig, *, rt: Runtime, pad_id: int, seed: int, bucketing: bool, log: StepLog,
                 checkpoints: Path | None = None, checkpoint_every: int = 0,
-                on_epoch_end: Callable[[int, StageProgress], None] | None = None) -> StageProgress:
+                on_epoch_end: Callable[[int, StageProgress], None] | None = None,
+                frozen_prefix: str = "cache", prefix_cache_gb: float = 4.0) -> StageProgress:
     """Train `trainable` (everything else frozen) on `rows` for `stage.epochs` epochs.
 
     With `checkpoints`, a checkpoint is written every `checkpoint_every` optimizer steps (0: never
     mid-epoch) and at each epoch end, and training continues from the latest one found there.
     `on_epoch_end(epoch, progress)` runs after each whole epoch that ends on an optimizer step (then
-    the state equals a shorter run's end), except the last.
+    the state equals a shorter run's end), except the last. `frozen_prefix` (`cache` | `recompute` | `off`) and
+    `prefix_cache_gb`: whether a ReFT stage that edits only the last prompt positions runs the tokens before them
+    without gradients (heft.prefix).
     """
     if not rows:
         raise HeftError("training data is empty: no rows to train on (check data.train_size and the data files)")
@@ -260,6 +276,14 @@ def train_stage(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], no_
     desc = log.desc
     st = _setup(model, trainable, no_decay, rows, stage, rt, seed, bucketing, desc)
     params = [p for _, p in st.trainable]
+    if frozen_prefix != "off" and isinstance(getattr(st.model, "module", st.model), ReftModel):
+        reason = why_not(st.model, st.trainable)
+        if reason is None:
+            st.prefix = FrozenPrefix(st.model, rows, pad_id, rt, keep=frozen_prefix == "cache",
+                                     budget_gb=prefix_cache_gb, desc=desc)
+            logger.info("%s: %s", desc, st.prefix.describe())
+        else:
+            logger.info("%s: every token runs forward and backward: %s", desc, reason)
     st.model.train()
     torch.manual_seed(seed)  # dropout masks depend only on the seed
     done = _resume(checkpoints, st, desc)

@@ -239,7 +239,8 @@ class _Stages:
         progress = train_stage(s.top, named, no_decay, self.train_rows[stage.max_length or cfg.data.max_length], stage,
                                rt=s.rt, pad_id=s.tokenizer.pad_token_id, seed=cfg.seed + i, bucketing=cfg.length_bucketing,
                                log=log, checkpoints=run.checkpoints_dir(i, stage), checkpoint_every=cfg.checkpoint_every,
-                               on_epoch_end=epoch_end)
+                               on_epoch_end=epoch_end, frozen_prefix=cfg.frozen_prefix,
+                               prefix_cache_gb=cfg.prefix_cache_gb)
         record = self._record(i, stage, n_params, progress, peak_memory(s.rt.device),
                               log.clipped / progress.optimizer_steps if progress.optimizer_steps else 0.0)
         tensors = _stage_tensors(s, stage)
