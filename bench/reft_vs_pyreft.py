@@ -227,9 +227,10 @@ def run_pyreft(spec: dict) -> dict:
     import pyreft
 
     model = build_model(spec)
-    d, n, k = model.config.hidden_size, model.config.num_hidden_layers, spec["first"]
-    assert spec["first"] == spec["last"], "pyreft pads both position groups to one width; keep first == last"
-    layers = list(range(n)) * 2  # pyreft's recipe: layers + layers, first group then last group
+    d, n, k = model.config.hidden_size, model.config.num_hidden_layers, spec["last"]
+    assert spec["first"] in (0, spec["last"]), "pyreft pads both position groups to one width; keep first == last (or 0)"
+    groups = 2 if spec["first"] else 1
+    layers = list(range(n)) * groups  # pyreft's recipe: layers + layers, first group then last group
     dtype = torch.float32  # interventions in fp32 on both sides (pyreft's own default would be bf16)
     config = pyreft.ReftConfig(representations=[
         {"layer": layer, "component": "block_output", "low_rank_dimension": spec["rank"],
@@ -254,14 +255,15 @@ def run_pyreft(spec: dict) -> dict:
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        locs = torch.zeros((len(rows), 2 * n, k), dtype=torch.long)
+        locs = torch.zeros((len(rows), groups * n, k), dtype=torch.long)
         for i, r in enumerate(rows):
             p, a = len(r["prompt"]), len(r["answer"])
             ids[i, :p + a] = torch.tensor(r["prompt"] + r["answer"])
             mask[i, :p + a] = 1
             labels[i, p:p + a] = torch.tensor(r["answer"])
-            locs[i, :n] = torch.arange(k)
-            locs[i, n:] = torch.arange(p - k, p)
+            if groups == 2:
+                locs[i, :n] = torch.arange(k)
+            locs[i, (groups - 1) * n:] = torch.arange(p - k, p)
         ids, mask, labels, locs = (t.to(spec["device"]) for t in (ids, mask, labels, locs))
         with autocast(spec):
             _, out = reft({"input_ids": ids, "attention_mask": mask},
