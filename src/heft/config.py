@@ -226,8 +226,8 @@ class RunConfig:
     and backward; exact (same loss and gradients). `cache`: keep those tokens' keys/values across epochs (up to
     `prefix_cache_gb`); `recompute`: run them again each step; `off`: every token forward and backward."""
     prefix_cache_gb: float = 4.0
-    """Memory for `frozen_prefix: cache` (SmolLM2-135M in bf16: ~23 KB per token, ~3 GB for 600 BoolQ rows of 256
-    tokens); rows past it are recomputed each time they come up."""
+    """Memory for `frozen_prefix: cache` (SmolLM2-135M: ~46 KB per prefix token in fp32, 23 in bf16; ~3.5 GB in
+    fp32 for the default's 600 BoolQ rows); rows past it are recomputed each time they come up."""
     checkpoint_every: int = 0
     """Also checkpoint every N optimizer steps (0: only at epoch ends). `heft train --resume` continues from the latest."""
     log_every: int = 10
