@@ -36,6 +36,10 @@ class ModelConfig:
     """Dotted attribute path to the decoder-layer list (e.g. `model.layers`) for architectures heft does not know."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower)."""
+    compile: bool = False
+    """`torch.compile` each decoder layer (dynamic shapes) for training and scoring; the same numbers within
+    rounding. Compiling takes minutes; on the default model on 2 CPU cores it did not pay (docs/benchmarks.md
+    section 12), so it is off by default. Not combined with FSDP."""
     quantization: Literal["none", "4bit"] = "none"
     """`4bit`: load the frozen base in NF4 through bitsandbytes (QLoRA). CUDA GPUs only; needs lora.merge: false."""
     init: Literal["pretrained", "random"] = "pretrained"

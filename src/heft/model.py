@@ -94,7 +94,17 @@ def load_model(cfg: ModelConfig, device: torch.device):
         model.enable_input_require_grads()
     model.config.use_cache = False
     fp32_output_head(model)
+    if cfg.compile:
+        compile_layers(model, cfg.layers_path)
     return model, tokenizer
+
+
+def compile_layers(model: nn.Module, layers_path: str | None = None) -> None:
+    """`torch.compile` every decoder layer in place, with dynamic shapes (batches differ in length). Lazy: each
+    layer compiles on its first call, so adapters attached or merged later are traced as they are then (a change
+    after that recompiles). Hooks on a layer (ReFT's) run inside its compiled call."""
+    for layer in decoder_layers(model, layers_path):
+        layer.compile(dynamic=True)
 
 
 _FOLDER_FILES = ("config.json, tokenizer files (tokenizer.json, or tokenizer.model with tokenizer_config.json) and "

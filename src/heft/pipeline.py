@@ -50,6 +50,9 @@ class Session:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.rt: Runtime = make_runtime(cfg.precision)
+        if cfg.model.compile and self.rt.distributed == "FSDP":
+            raise ConfigError("model.compile: true is not supported with FSDP (sharded layers swap their parameters); "
+                              "set model.compile: false, or launch with configs/accelerate/ddp.yaml")
         torch.manual_seed(cfg.seed)
         self.model, self.tokenizer = load_model(cfg.model, self.rt.device)
         self.model_path = getattr(self.model, "name_or_path", cfg.model.name_or_path)
