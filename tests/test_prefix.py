@@ -17,30 +17,23 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from heft.config import PositionsConfig, ReftConfig, from_dict
+from heft.config import from_dict
 from heft.loop import answer_loss
-from heft.model import decoder_layers, hidden_size
 from heft.prefix import FrozenPrefix, active_dropout, why_not
 from heft.reft import ReftModel
 from heft.runtime import model_forward
 from heft.tokens import Encoded, train_batch
 
 from conftest import tiny_config
-from test_choice_cache import _arch
+from test_choice_cache import _arch, with_reft as random_reft
 from test_choices import CPU, make_rows, one_thread, tiny  # noqa: F401 (fixtures)
 
 
 def with_reft(model: nn.Module, last: int, first: int = 0, first_from: str = "prompt") -> ReftModel:
-    """LoReFT on every layer with seeded random weights (so the edits and their gradients are far from zero),
-    in training mode as a stage trains it."""
-    cfg = ReftConfig(rank=2, layers="all", positions=PositionsConfig(first, last, first_from=first_from), init="random")
-    reft = ReftModel(model, cfg, decoder_layers(model), hidden_size(model))
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for _, p in sorted(reft.interventions.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    """test_choice_cache's seeded random LoReFT (edits and gradients far from zero), in training mode as a stage
+    trains it, the model underneath frozen."""
     model.requires_grad_(False)
-    return reft.train()
+    return random_reft(model, first, last, first_from).train()
 
 
 def loss_and_grads(reft: ReftModel, rows: list[Encoded], idx: list[int], pad_id: int,
