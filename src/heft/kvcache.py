@@ -45,9 +45,10 @@ def split_rows(past: Any, mask: torch.Tensor) -> list[torch.Tensor] | None:
     shapes = {(layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3]) for layer in past.layers}
     if len(shapes) != 1 or len({layer.keys.dtype for layer in past.layers}) != 1:
         return None
-    kv = torch.stack([torch.stack([layer.keys, layer.values]) for layer in past.layers])  # (L, 2, B, H, T, D)
     width = mask.shape[1]
-    return [kv[:, :, b, :, width - n:].clone() for b, n in enumerate(mask.sum(1).tolist())]
+    return [torch.stack([torch.stack([layer.keys[b, :, width - n:], layer.values[b, :, width - n:]])
+                         for layer in past.layers])  # one copy per row, of its real tokens only
+            for b, n in enumerate(mask.sum(1).tolist())]
 
 
 def stack_rows(rows: list[torch.Tensor], config: Any) -> tuple[Any, torch.Tensor]:
