@@ -298,6 +298,69 @@ def test_edits_land_exactly_on_the_selected_positions(tiny_model_dir):
     assert [int(torch.nonzero(row)[0]) for row in diff] == [0, 5, 7]
 
 
+@pytest.mark.parametrize("kind,offset,tied", [("loreft", "absolute", False), ("noreft", "absolute", False),
+                                               ("direft", "relative", False), ("loreft", "relative", True)])
+def test_fused_edits_equal_each_intervention_alone_with_gradients(tiny_model_dir, kind, offset, tied):
+    """ReftModel edits a layer with one low-rank map for all its position groups (and every R from one batched
+    QR); that equals applying each group's intervention module on its own positions, one row at a time:
+    outputs and every parameter's gradient."""
+    model = load_tiny(tiny_model_dir)
+    reft = make_reft(model, kind=kind, offset=offset, tied=tied, layers=(0, 2), positions=PositionsConfig(first=2, last=3))
+    batch = prompt_batch(PROMPTS, pad_id=1)
+    kw = dict(attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+
+    def run(forward) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        reft.interventions.zero_grad(set_to_none=True)
+        logits = forward()
+        (logits[:, -1].float().logsumexp(-1).sum() + logits[:, -3:].float().pow(2).mean()).backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in reft.interventions.named_parameters()}
+
+    fused, fused_grads = run(lambda: reft(batch["input_ids"], batch["prompt_start"], batch["prompt_len"], **kw).logits)
+
+    groups = prompt_positions(batch["prompt_start"], batch["prompt_len"], reft.cfg.positions)
+    base = reft.remove()
+
+    def by_hand(layer: int):
+        def hook(module, args, output):
+            h = (output[0] if isinstance(output, tuple) else output).clone()
+            for g, (idx, valid) in groups.items():
+                name = f"L{layer}_{'both' if tied else g}"
+                for b in range(h.shape[0]):
+                    for j in range(idx.shape[1]):
+                        if valid[b, j]:
+                            p = int(idx[b, j])
+                            h[b, p] = reft.interventions[name](h[b, p].clone()[None])[0]
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+        return hook
+
+    handles = [decoder_layers(base)[i].register_forward_hook(by_hand(i)) for i in (0, 2)]
+    plain, plain_grads = run(lambda: base(input_ids=batch["input_ids"], **kw).logits)
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    assert fused_grads.keys() == plain_grads.keys()
+    for n in fused_grads:
+        torch.testing.assert_close(fused_grads[n], plain_grads[n], atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+    assert max(g.abs().max() for g in fused_grads.values()) > 1e-3  # the check has gradients to compare
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
+    """The edits (and the per-pass factors they share) survive activation checkpointing's recomputation."""
+    grads = []
+    for checkpointing in (False, True):
+        model = load_tiny(tiny_model_dir)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        reft = make_reft(model).train()
+        batch = prompt_batch(PROMPTS, pad_id=1)
+        logits = reft(batch["input_ids"], batch["prompt_start"], batch["prompt_len"], attention_mask=batch["attention_mask"],
+                      position_ids=batch["position_ids"], use_cache=False).logits
+        logits[:, -1].logsumexp(-1).sum().backward()
+        grads.append({n: p.grad for n, p in reft.interventions.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
 # ----------------------------------------------------------------------------- 5. padding
 
 
@@ -316,9 +379,15 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny_model_dir):
 def test_generate_edits_only_the_prompt_pass(tiny_model_dir):
     reft = make_reft(load_tiny(tiny_model_dir), scale=1.0)
     calls: list[tuple[int, ...]] = []
-    watched = reft.interventions["L3_last"]
-    original_delta = watched.delta
-    watched.delta = lambda h: (calls.append(tuple(h.shape)), original_delta(h))[1]
+    original_edit = reft._edit
+
+    def watched(layer, h, ctx):  # layer 3's edits: the batch, the last group's positions, the hidden size
+        if layer == 3:
+            a, b = ctx.slices[-1]
+            calls.append((h.shape[0], b - a, h.shape[-1]))
+        return original_edit(layer, h, ctx)
+
+    reft._edit = watched
     b = prompt_batch(PROMPTS, pad_id=1)  # left-padded, as heft's `generate` builds it
     new = 5
     out = reft.generate(b["input_ids"], b["attention_mask"], b["prompt_start"], b["prompt_len"],

@@ -48,22 +48,28 @@ REFT_CONFIG = "reft_config.json"
 
 
 def orthonormal_rows(a: torch.Tensor) -> torch.Tensor:
-    """(r, d) -> (r, d) with orthonormal rows spanning the same space as `a`'s rows (fp32, autocast off)."""
+    """(..., r, d) -> (..., r, d) with orthonormal rows spanning the same space as `a`'s rows (fp32, autocast
+    off); a stack of matrices is one batched QR."""
     with torch.autocast(device_type=a.device.type, enabled=False):
-        q, t = torch.linalg.qr(a.float().T, mode="reduced")  # q: (d, r), t: (r, r) upper triangular
-        sign = torch.where(torch.diagonal(t) >= 0, 1.0, -1.0)
-        return (q * sign).T
+        q, t = torch.linalg.qr(a.float().mT, mode="reduced")  # q: (..., d, r), t: (..., r, r) upper triangular
+        sign = torch.where(torch.diagonal(t, dim1=-2, dim2=-1) >= 0, 1.0, -1.0)  # (..., r)
+        return (q * sign[..., None, :]).mT
 
 
 def _offset(b: torch.Tensor, x: torch.Tensor, relative: bool) -> torch.Tensor:
-    """The edit's input-independent term: b, or with `reft.offset: relative` b times each state's RMS (..., 1)."""
-    return b * x.float().pow(2).mean(-1, keepdim=True).sqrt() if relative else b
+    """The edit's input-independent term: b, or with `reft.offset: relative` b times each state's RMS (..., 1).
+    The mean square is clamped at the smallest normal float before the root: an all-zero state (a padding slot's
+    embedding) would otherwise send NaN back through sqrt's gradient, even where the edit is masked out."""
+    if not relative:
+        return b
+    return b * x.float().pow(2).mean(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny).sqrt()
 
 
 def _compute_input(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """h as the edit's matmuls take it: as is under autocast (which casts matmul inputs itself, so no round trip
-    through the parameters' dtype), else in the parameters' dtype (fp32 interventions on a bf16 model)."""
-    return h if torch.is_autocast_enabled(h.device.type) else h.to(weight.dtype)
+    """h in the parameters' dtype (fp32 interventions on a bf16 model). `ReftModel` runs the edits with autocast
+    off: a few rows times a (d, r) matrix are cheaper in fp32 than through autocast's casts to bf16 and back, and
+    under autocast the residual stream the edits read is already fp32, so this is no copy at all."""
+    return h.to(weight.dtype)
 
 
 def _maybe_dropout(dropout: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
@@ -90,9 +96,10 @@ class LoReFT(nn.Module):
     def R(self) -> torch.Tensor:
         return orthonormal_rows(self.rotation) if self.orthogonal else self.rotation
 
-    def delta(self, h: torch.Tensor) -> torch.Tensor:
-        """The edit Phi(h) - h for h of shape (..., d): R^T ((W - R) h + b), one matmul each way."""
-        R = self.R()
+    def delta(self, h: torch.Tensor, R: torch.Tensor | None = None) -> torch.Tensor:
+        """The edit Phi(h) - h for h of shape (..., d): R^T ((W - R) h + b), one matmul each way. `R`: this
+        intervention's R() when the caller computed it already (`ReftModel` does, for all of them at once)."""
+        R = self.R() if R is None else R
         x = _compute_input(h, self.weight)
         low = x @ (self.weight - R.to(self.weight.dtype)).T + _offset(self.bias, x, self.relative)  # (..., r)
         return _maybe_dropout(self.dropout, low @ R.to(low.dtype))  # (..., d)
@@ -124,7 +131,7 @@ class DiReFT(nn.Module):
         self.up = nn.Parameter(up)  # W2: (r, d)
         self.dropout = nn.Dropout(dropout)
 
-    def delta(self, h: torch.Tensor) -> torch.Tensor:
+    def delta(self, h: torch.Tensor, R: torch.Tensor | None = None) -> torch.Tensor:
         x = _compute_input(h, self.weight)
         return _maybe_dropout(self.dropout, (x @ self.weight.T + _offset(self.bias, x, self.relative)) @ self.up)
 
@@ -195,6 +202,8 @@ class _Context:
     seq_len: int
     passes_allowed: int | None = None  # generation: only the first model pass (the prompt) is edited
     passes: int = 0
+    mask: torch.Tensor | None = None  # (B, k, G*r): which group's rank columns each edited row uses, times valid
+    factors: dict[int, tuple[torch.Tensor, ...]] | None = None  # per layer (down, bias, up), made once per pass
 
 
 # ----------------------------------------------------------------------------- the wrapped model
@@ -230,15 +239,45 @@ class ReftModel(nn.Module):
                     return output
                 if layer == self.layer_ids[-1]:  # the highest edited layer runs last: this pass is done
                     ctx.passes += 1
-            # one gather and one scatter per layer for all groups (their positions never overlap)
-            idx_d = ctx.idx[:, :, None].expand(-1, -1, h.shape[-1])  # (B, k, d)
-            sel = h.gather(1, idx_d)
-            parts = [self.interventions[f"L{layer}_{g}"].delta(sel[:, a:b]) for g, (a, b) in zip(self.groups, ctx.slices)]
-            delta = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-            h = h.scatter_add(1, idx_d, (delta * ctx.valid).to(h.dtype))
+            h = self._edit(layer, h, ctx)
             return (h, *output[1:]) if isinstance(output, tuple) else h
 
         return hook
+
+    def _edit(self, layer: int, h: torch.Tensor, ctx: _Context) -> torch.Tensor:
+        """h (B, T, d) with `layer`'s edits at the context's positions: one gather, two matmuls and one scatter for
+        all position groups (their positions never overlap)."""
+        with torch.autocast(device_type=h.device.type, enabled=False):  # see _compute_input
+            if ctx.factors is None:  # the first edited layer of this pass
+                ctx.factors = self._factors()
+            down, bias, up = ctx.factors[layer]
+            first = self._first  # offset and dropout are the same for every intervention (one config)
+            idx_d = ctx.idx[:, :, None].expand(-1, -1, h.shape[-1])  # (B, k, d)
+            x = _compute_input(h.gather(1, idx_d), down)
+            low = (x @ down.mT + _offset(bias, x, first.relative)) * ctx.mask  # (B, k, G*r)
+            delta = _maybe_dropout(first.dropout, low @ up)  # (B, k, d)
+            return h.scatter_add(1, idx_d, delta.to(h.dtype))
+
+    def _factors(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Every edited layer's interventions as one low-rank map, (down (G*r, d), bias (G*r,), up (G*r, d)) with
+        the position groups' rank blocks side by side: the edit of a row of group g is
+        `((x @ down.T + bias) * mask_g) @ up`, mask_g selecting g's block. LoReFT: down = W - R, up = R (every R
+        from one batched QR); DiReFT: down = W1, up = W2. Built once per forward pass from stacked parameters, so
+        a step runs a few batched operations here and two matmuls per layer, not a dozen small ones per
+        intervention (what made the bf16 step sit above the frozen floor, docs/benchmarks.md section 1)."""
+        mods = [self.interventions[f"L{i}_{g}"] for i in self.layer_ids for g in self.groups]
+        weight, bias = torch.stack([m.weight for m in mods]), torch.stack([m.bias for m in mods])  # (n, r, d), (n, r)
+        if isinstance(mods[0], LoReFT):
+            rot = torch.stack([m.rotation for m in mods])
+            R = (orthonormal_rows(rot) if mods[0].orthogonal else rot).to(weight.dtype)
+            down, up = weight - R, R
+        else:
+            down, up = weight, torch.stack([m.up for m in mods])
+        n_layers, (r, d) = len(self.layer_ids), weight.shape[1:]
+        width = len(self.groups) * r
+        return dict(zip(self.layer_ids, zip(down.reshape(n_layers, width, d).unbind(0),
+                                            bias.reshape(n_layers, width).unbind(0),
+                                            up.reshape(n_layers, width, d).unbind(0))))
 
     def _set(self, seq_len: int, prompt_start: torch.Tensor, prompt_len: torch.Tensor, passes: int | None) -> None:
         groups = prompt_positions(prompt_start, prompt_len, self.cfg.positions)
@@ -249,7 +288,19 @@ class ReftModel(nn.Module):
         slices = [(0, bounds[-1])] if self.groups == ["both"] else list(zip(bounds, bounds[1:]))
         idx = torch.cat([groups[g][0] for g in names], dim=1)
         valid = torch.cat([groups[g][1] for g in names], dim=1)[:, :, None]
-        self._ctx = _Context(idx, valid, slices, seq_len, passes)
+        r = self.cfg.rank
+        block = torch.zeros(idx.shape[1], len(slices) * r, dtype=self._dtype, device=idx.device)  # (k, G*r)
+        for g, (a, b) in enumerate(slices):
+            block[a:b, g * r:(g + 1) * r] = 1.0
+        self._ctx = _Context(idx, valid, slices, seq_len, passes, mask=valid * block)
+
+    @property
+    def _first(self) -> nn.Module:
+        return next(iter(self.interventions.values()))
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self._first.weight.dtype
 
     # -- API
     def forward(self, input_ids: torch.Tensor, prompt_start: torch.Tensor, prompt_len: torch.Tensor, **kwargs: Any) -> Any:
