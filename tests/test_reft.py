@@ -349,7 +349,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
     grads = []
     for checkpointing in (False, True):
         model = load_tiny(tiny_model_dir)
-        if checkpointing:
+        if checkpointing and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         reft = make_reft(model).train()
         batch = prompt_batch(PROMPTS, pad_id=1)

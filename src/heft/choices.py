@@ -13,8 +13,16 @@ and the harness's two accuracies are
 between context and choice), ties going to the first maximum (numpy's argmax). `greedy` says whether
 every choice token is the model's argmax (the harness's `is_greedy`).
 
-Two routes give the same numbers (within floating-point rounding) and are chosen automatically:
+Three routes give the same numbers (within floating-point rounding) and are chosen automatically, the first
+that can run:
 
+- packed (one process, transformers' sdpa or eager attention, no sliding window shorter than a packed sequence):
+  each distinct context runs once, in one sequence with all its choices after it. A 4D attention mask lets each
+  choice token see the context and the earlier tokens of its own choice only, and the choices' position ids
+  continue the context's, so every choice is scored exactly as if it followed the context alone. No padding
+  between choices, no cache to copy, a choice's last token is not run (it predicts nothing scored), and the
+  vocabulary head runs only at the positions that predict a choice token. ReFT edits the context's prompt positions (the ReftModel's prompt_start/prompt_len). A batch holds whole
+  contexts with at most `batch_size` choices between them, left-padded, longest first.
 - cached (one process, a model whose keys/values cache can be expanded): each distinct context (the same
   token ids and content start; with lm-eval's tokenization the choices of one row may have different
   context ids) runs once, left-padded with other contexts into a batch, keeping its keys and values. The
@@ -88,28 +96,42 @@ Scores = dict[tuple[int, int], tuple[float, bool]]  # (row, choice) -> (log-like
 
 @torch.no_grad()
 def score_choices(model: nn.Module, rows: list[Encoded], choice_chars: list[list[int]] | None, *, batch_size: int,
-                  pad_id: int, rt: Runtime, desc: str = "eval", cache: bool | None = None) -> list[dict[str, Any]]:
+                  pad_id: int, rt: Runtime, desc: str = "eval", cache: bool | None = None,
+                  route: str | None = None) -> list[dict[str, Any]]:
     """Per row, in the order of `rows`: {label, pred, pred_norm, lls, greedy}.
 
     `rows[i].answers` holds row i's choices (any number, at least one token each) and `rows[i].label` the
     index of the right one. `choice_chars[i][j]` is the length in characters of choice j's text (lm-eval:
     the choice string without its leading space), which acc_norm divides by; with None, `pred_norm` is
     None. `lls[j]` is the summed log-likelihood of choice j's tokens given the prompt, `greedy[j]` whether
-    each of them is the argmax. `cache`: None chooses the route (see the module docstring), False takes the
-    full route, True the cached one (ValueError where it cannot run).
+    each of them is the argmax. `route`: "packed", "cached" or "full" takes that route (ValueError where it
+    cannot run); None chooses (see the module docstring). `cache=False` is `route="full"`, `cache=True`
+    `route="cached"`.
     """
     _check(rows, choice_chars)
     model.eval()
-    got: Scores | None = None
+    if cache is not None and route is not None:
+        raise ValueError("score_choices: give `route` or `cache`, not both")
+    if cache is not None:
+        route = "cached" if cache else "full"
+    if route not in (None, "packed", "cached", "full"):
+        raise ValueError(f"score_choices(route={route!r}): one of 'packed', 'cached', 'full' or None")
     usable = rt.num_processes == 1 and not sharding.is_sharded(model)
-    if cache and not usable:
-        raise ValueError("score_choices(cache=True): the cached route runs in one process without FSDP; "
-                         "use cache=None to choose automatically")
-    if cache is not False and usable:
+    if route in ("packed", "cached") and not usable:
+        raise ValueError(f"score_choices(route={route!r}): runs in one process without FSDP; use route=None to "
+                         "choose automatically")
+    got: Scores | None = None
+    if route in (None, "packed") and usable:
+        why = why_not_packed(model, rows)
+        if why is None:
+            got = _score_packed(model, rows, batch_size=batch_size, pad_id=pad_id, rt=rt, desc=desc)
+        elif route == "packed":
+            raise ValueError(f"score_choices(route='packed'): {why}; use route=None to choose automatically")
+    if got is None and route in (None, "cached") and usable:
         got = _score_cached(model, rows, batch_size=batch_size, pad_id=pad_id, rt=rt, desc=desc)
-        if got is None and cache:
-            raise ValueError("score_choices(cache=True): this model's keys/values cache cannot be expanded to the "
-                             "choices; use cache=None to choose automatically")
+        if got is None and route == "cached":
+            raise ValueError("score_choices(route='cached'): this model's keys/values cache cannot be expanded to "
+                             "the choices; use route=None to choose automatically")
     if got is None:
         got = _score_full(model, rows, batch_size=batch_size, pad_id=pad_id, rt=rt, desc=desc)
     out = []
@@ -154,6 +176,130 @@ def _score_full(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_i
     return dict(zip(seqs, gather_rows(out, rt)))
 
 
+# ----------------------------------------------------------------------------- the packed route
+
+
+def why_not_packed(model: nn.Module, rows: list[Encoded]) -> str | None:
+    """Why the packed route cannot score `rows` with `model` (None: it can). It hands the model a custom 4D attention
+    mask, which transformers' own sdpa and eager attention take as is (flash attention and remote code may not),
+    and which replaces a sliding window: so only where no sequence is longer than the window."""
+    inner = getattr(model, "module", model)
+    plain = inner.model if isinstance(inner, ReftModel) else inner
+    config = getattr(plain, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in ("sdpa", "eager"):
+        return f"attention implementation {impl!r} (needs sdpa or eager to take a custom mask)"
+    base = plain.get_base_model() if hasattr(plain, "get_base_model") else plain  # PEFT's wrapper
+    if not type(base).__module__.startswith("transformers."):
+        return f"{type(base).__name__} is not a transformers model (remote code may not read a custom mask)"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    if window and getattr(text, "use_sliding_window", True):
+        longest = max(len(ids) + sum(len(rows[i].answers[j]) - 1 for i, j in pairs) for ids, _, pairs in _contexts(rows))
+        if longest >= window:
+            return f"a sliding window of {window} tokens, shorter than the longest packed sequence ({longest})"
+    return None
+
+
+def _context_batches(contexts: list[tuple[list[int], int, list[tuple[int, int]]]], order: list[int],
+                     batch_size: int) -> list[list[int]]:
+    """Contexts in `order`, grouped into batches of whole contexts with at most `batch_size` choices between them
+    (at least one context a batch)."""
+    batches: list[list[int]] = []
+    count = 0
+    for c in order:
+        n = len(contexts[c][2])
+        if batches and count + n <= batch_size:
+            batches[-1].append(c)
+            count += n
+        else:
+            batches.append([c])
+            count = n
+    return batches
+
+
+def _pack(contexts: list[tuple[list[int], int, list[tuple[int, int]]]], rows: list[Encoded], cs: list[int],
+          lengths: list[int], pad_id: int) -> dict[str, Any]:
+    """One left-padded batch of packed sequences, context then each of its choices, and where each choice token is
+    predicted: `src` (token, 2) batch row and position of the logits that predict it, `tgt` its id, `seg` its
+    (row, choice) pair's index in `pairs`."""
+    width = max(lengths[c] for c in cs)
+    ids = torch.full((len(cs), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(cs), width), dtype=torch.long)
+    allow = torch.zeros((len(cs), width, width), dtype=torch.bool)  # allow[b, q, k]: query q may attend to key k
+    allow[:, torch.arange(width), torch.arange(width)] = True  # padding attends to itself: no all-masked row
+    start, plen, src, tgt, seg, pairs = [], [], [], [], [], []
+    for b, c in enumerate(cs):
+        ctx, skip, ctx_pairs = contexts[c]
+        p, n = width - lengths[c], len(ctx)
+        ids[b, p:p + n] = torch.tensor(ctx)
+        pos[b, p:p + n] = torch.arange(n)
+        allow[b, p:p + n, p:p + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        start.append(p + skip)
+        plen.append(n - skip)
+        at = p + n
+        for i, j in ctx_pairs:
+            a = rows[i].answers[j]
+            m = len(a) - 1  # a choice's last token predicts nothing scored and nothing attends to it: not run
+            ids[b, at:at + m] = torch.tensor(a[:-1], dtype=torch.long)
+            pos[b, at:at + m] = torch.arange(n, n + m)
+            allow[b, at:at + m, p:p + n] = True  # the whole context
+            allow[b, at:at + m, at:at + m] = torch.ones(m, m, dtype=torch.bool).tril()  # itself, causally
+            src += [(b, p + n - 1)] + [(b, at + t) for t in range(m)]
+            tgt += a
+            seg += [len(pairs)] * len(a)
+            pairs.append((i, j))
+            at += m
+    return {"input_ids": ids, "position_ids": pos, "allow": allow[:, None], "prompt_start": torch.tensor(start),
+            "prompt_len": torch.tensor(plen), "src": torch.tensor(src), "tgt": torch.tensor(tgt),
+            "seg": torch.tensor(seg), "pairs": pairs}
+
+
+def _score_packed(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int, rt: Runtime,
+                  desc: str) -> Scores:
+    """Each distinct context once, in one sequence with all its choices after it; a 4D mask lets each choice see the
+    context and itself only, and its position ids continue the context's, so every choice token's logits are the
+    ones it gets after its context alone. Several contexts a pass, left-padded, longest first."""
+    device = rt.device
+    inner = getattr(model, "module", model)
+    plain = inner.model if isinstance(inner, ReftModel) else inner
+    eager = plain.config._attn_implementation == "eager"
+    head = plain.get_output_embeddings() if hasattr(plain, "get_output_embeddings") else None
+    dtype = next(plain.parameters()).dtype
+    contexts = _contexts(rows)
+    lengths = [len(ids) + sum(len(rows[i].answers[j]) - 1 for i, j in pairs) for ids, _, pairs in contexts]
+    batches = _context_batches(contexts, sorted(range(len(contexts)), key=lambda c: (-lengths[c], c)), batch_size)
+    out: Scores = {}
+    for cs in tqdm(batches, desc=desc, unit="batch", mininterval=2.0, disable=not rt.main):
+        pk = _pack(contexts, rows, cs, lengths, pad_id)
+        allow = pk["allow"].to(device)
+        mask = torch.where(allow, 0.0, torch.finfo(dtype).min).to(dtype) if eager else allow
+        width = pk["input_ids"].shape[1]
+        keep = width - int(pk["src"][:, 1].min())  # logits from the earliest predicting position on
+        kwargs: dict[str, Any] = dict(attention_mask=mask, position_ids=pk["position_ids"].to(device),
+                                      logits_to_keep=keep, use_cache=False)
+        if isinstance(inner, ReftModel):  # the edits go on each context's prompt positions
+            kwargs.update(prompt_start=pk["prompt_start"].to(device), prompt_len=pk["prompt_len"].to(device))
+        src, tgt, seg = pk["src"].to(device), pk["tgt"].to(device), pk["seg"].to(device)
+        at = (src[:, 0], src[:, 1] - (width - keep))  # where each choice token's logits are among the kept ones
+        # The vocabulary head on exactly those positions: a pre-hook hands it (1, tokens, d) instead of (B, keep, d),
+        # so whatever the model does after its head (softcapping, scaling) still applies.
+        handle = head.register_forward_pre_hook(lambda _, args: (args[0][at][None], *args[1:])) if head is not None else None
+        try:
+            with rt.autocast():
+                logits = model(input_ids=pk["input_ids"].to(device), **kwargs).logits
+        finally:
+            if handle is not None:
+                handle.remove()
+        lp = (logits[0] if head is not None else logits[at]).float()  # (tokens, V)
+        tok_ll = lp.gather(1, tgt[:, None])[:, 0] - torch.logsumexp(lp, dim=-1)
+        ll = torch.zeros(len(pk["pairs"]), device=device).index_add_(0, seg, tok_ll)
+        miss = torch.zeros(len(pk["pairs"]), device=device).index_add_(0, seg, (lp.argmax(-1) != tgt).float())
+        for p, v, m in zip(pk["pairs"], ll.cpu().tolist(), miss.cpu().tolist()):
+            out[p] = (float(v), m == 0)
+    return out
+
+
 # ----------------------------------------------------------------------------- the cached route
 
 
@@ -180,15 +326,9 @@ def _score_cached(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad
     field = cache_field()
     contexts = _contexts(rows)
     longest = max(len(ids) + len(rows[i].answers[j]) for ids, _, pairs in contexts for i, j in pairs)
-    n_choice = [len(pairs) for _, _, pairs in contexts]
     width = [max(len(rows[i].answers[j]) for i, j in pairs) for _, _, pairs in contexts]
     order = sorted(range(len(contexts)), key=lambda c: (-len(contexts[c][0]), -width[c], c))
-    batches: list[list[int]] = []
-    for c in order:  # whole contexts, at most batch_size choices between them (at least one context)
-        if batches and sum(n_choice[b] for b in batches[-1]) + n_choice[c] <= batch_size:
-            batches[-1].append(c)
-        else:
-            batches.append([c])
+    batches = _context_batches(contexts, order, batch_size)
     out: Scores = {}
     for cs in tqdm(batches, desc=desc, unit="batch", mininterval=2.0, disable=not rt.main):
         batch = {k: v.to(device) for k, v in prompt_batch([contexts[c][0] for c in cs], pad_id,
