@@ -224,11 +224,11 @@ def main() -> None:
     last: dict = {t: {} for t in tasks}
     with tempfile.TemporaryDirectory() as tmp:
         peers: dict = {}
+        site = sorted({str(Path(m.__file__).resolve().parent.parent) for m in (torch, transformers)})
         for tool, bs in (("lm-eval", args.batch_size), ("lm-eval-default", 1)):
             if tool not in wanted:
                 continue
             try:
-                site = sorted({str(Path(m.__file__).resolve().parent.parent) for m in (torch, transformers)})
                 spec = {"heft_site_packages": site, "model_path": model_path, "add_bos_token": adds_bos,
                         "batch_size": bs, "threads": args.threads, "requests": requests}
                 peers[tool] = LmEval(spec, Path(tmp) / f"{tool}.json", env, Path(tmp) / f"{tool}.log")
@@ -255,12 +255,11 @@ def main() -> None:
         full = last[task]["heft-full"]["got"]
         res["vs_full"] = {}
         ratios = {}
-        for tool in heft_tools:
+        for tool in heft_tools[1:]:  # heft-full first: the reference
             got = last[task][tool]["got"]
-            if tool != "heft-full":
-                res["vs_full"][tool] = agreement(chars[task], [g["lls"] for g in full], got)
-                res["vs_full"][tool]["identical_greedy"] = sum(a["greedy"] == b["greedy"] for a, b in zip(got, full))
-                ratios[f"full/{tool}"] = [f / c for f, c in zip(seconds[task]["heft-full"], seconds[task][tool])]
+            res["vs_full"][tool] = agreement(chars[task], [g["lls"] for g in full], got)
+            res["vs_full"][tool]["identical_greedy"] = sum(a["greedy"] == b["greedy"] for a, b in zip(got, full))
+            ratios[f"full/{tool}"] = [f / c for f, c in zip(seconds[task]["heft-full"], seconds[task][tool])]
         res["accuracy"] = {tool: sum(g["pred"] == g["label"] for g in last[task][tool]["got"]) / n for tool in heft_tools}
         res["acc_norm"] = {tool: sum(g["pred_norm"] == g["label"] for g in last[task][tool]["got"]) / n
                            for tool in heft_tools}

@@ -98,7 +98,7 @@ def test_cached_equals_naive_with_reft(tiny):
     model, tok = tiny
     reft = with_reft(model, 2, 2)
     rows, _ = make_rows(tok, 5)
-    got = score_choices(reft, rows, None, batch_size=6, pad_id=tok.pad_token_id, rt=CPU, cache=True)
+    got = score_choices(reft, rows, None, batch_size=6, pad_id=tok.pad_token_id, rt=CPU, route="cached")
     for row, out in zip(rows, got):
         ref = [naive(reft, row.prompt, a) for a in row.answers]
         assert out["lls"] == pytest.approx([ll for ll, _ in ref], abs=1e-5)
@@ -113,7 +113,7 @@ def test_choice_pass_is_not_edited_when_its_length_equals_the_context(tiny):
     choice = tok(" it is true .", add_special_tokens=False)["input_ids"]
     assert len(choice) - 1 == len(prompt)  # the choice pass's width is the context pass's
     row = Encoded(prompt, (choice, choice[:2]), 0, False)
-    (out,) = score_choices(reft, [row], None, batch_size=4, pad_id=tok.pad_token_id, rt=CPU, cache=True)
+    (out,) = score_choices(reft, [row], None, batch_size=4, pad_id=tok.pad_token_id, rt=CPU, route="cached")
     assert out["lls"][0] == pytest.approx(naive(reft, prompt, choice)[0], abs=1e-5)
     edited_too = naive(reft, prompt, choice, edited=len(prompt) + len(choice))[0]
     assert abs(out["lls"][0] - edited_too) > 1e-3
@@ -172,7 +172,7 @@ def test_full_route_when_the_cache_cannot_be_expanded(tiny, monkeypatch):
     """A model that returns no cache (or one of another kind) is scored by the full route, with the same numbers."""
     model, tok = tiny
     rows, _ = make_rows(tok, 4)
-    expected = score_choices(model, rows, None, batch_size=4, pad_id=tok.pad_token_id, rt=CPU, cache=False)
+    expected = score_choices(model, rows, None, batch_size=4, pad_id=tok.pad_token_id, rt=CPU, route="full")
 
     class NoCache(nn.Module):
         def __init__(self, inner: nn.Module):
@@ -188,7 +188,7 @@ def test_full_route_when_the_cache_cannot_be_expanded(tiny, monkeypatch):
     got = score_choices(wrapped, rows, None, batch_size=4, pad_id=tok.pad_token_id, rt=CPU, route=None)
     assert [ll for g in got for ll in g["lls"]] == pytest.approx([ll for e in expected for ll in e["lls"]], abs=1e-5)
     with pytest.raises(ValueError, match="cache cannot be expanded"):
-        score_choices(wrapped, rows, None, batch_size=4, pad_id=tok.pad_token_id, rt=CPU, cache=True)
+        score_choices(wrapped, rows, None, batch_size=4, pad_id=tok.pad_token_id, rt=CPU, route="cached")
 
 
 # ----------------------------------------------------------------------------- other architectures
@@ -233,11 +233,11 @@ def test_short_sliding_window_takes_the_full_route():
     model = _arch("gemma3", sliding_window=4)
     rows = random_rows(4)
     with pytest.raises(ValueError, match="cache cannot be expanded"):
-        score_choices(model, rows, None, batch_size=4, pad_id=0, rt=CPU, cache=True)
+        score_choices(model, rows, None, batch_size=4, pad_id=0, rt=CPU, route="cached")
     with pytest.raises(ValueError, match="sliding window of 4 tokens"):
         score_choices(model, rows, None, batch_size=4, pad_id=0, rt=CPU, route="packed")
     got = score_choices(model, rows, None, batch_size=4, pad_id=0, rt=CPU)
-    full = score_choices(model, rows, None, batch_size=4, pad_id=0, rt=CPU, cache=False)
+    full = score_choices(model, rows, None, batch_size=4, pad_id=0, rt=CPU, route="full")
     assert [g["lls"] for g in got] == [f["lls"] for f in full]
     roomy = _arch("gemma3", sliding_window=32)  # every sequence fits the window: packed and cached, same numbers
     assert_same(roomy, rows, pad_id=0, batch_sizes=(3,))

@@ -21,8 +21,9 @@ that can run:
   choice token see the context and the earlier tokens of its own choice only, and the choices' position ids
   continue the context's, so every choice is scored exactly as if it followed the context alone. No padding
   between choices, no cache to copy, a choice's last token is not run (it predicts nothing scored), and the
-  vocabulary head runs only at the positions that predict a choice token. ReFT edits the context's prompt positions (the ReftModel's prompt_start/prompt_len). A batch holds whole
-  contexts with at most `batch_size` choices between them, left-padded, longest first.
+  vocabulary head runs only at the positions that predict a choice token. ReFT edits the context's prompt
+  positions (the ReftModel's prompt_start/prompt_len). A batch holds whole contexts with at most `batch_size`
+  choices between them, left-padded, longest first.
 - cached (one process, a model whose keys/values cache can be expanded): each distinct context (the same
   token ids and content start; with lm-eval's tokenization the choices of one row may have different
   context ids) runs once, left-padded with other contexts into a batch, keeping its keys and values. The
@@ -31,7 +32,7 @@ that can run:
   scores the rest. ReFT edits go on the context pass only (through the ReftModel, which edits that pass's
   prompt positions); the choice pass runs through the model underneath, whose hooks find no edit to make.
   A batch holds whole contexts with at most `batch_size` choices between them (at least one context).
-- full (several processes, FSDP, caches that cannot be expanded, or `cache=False`): every (prompt + choice)
+- full (several processes, FSDP, caches that cannot be expanded, or `route="full"`): every (prompt + choice)
   sequence is scored in one forward pass: sequences of all rows and all choices are sorted by length and
   batched together, left-padded by `heft.tokens.train_batch`, so only the logits of the last (longest
   choice + 1) positions are computed. ReFT edits go on the prompt positions only (train_batch's
@@ -92,12 +93,12 @@ def _check(rows: list[Encoded], choice_chars: list[list[int]] | None) -> None:
 
 
 Scores = dict[tuple[int, int], tuple[float, bool]]  # (row, choice) -> (log-likelihood, greedy)
+Context = tuple[list[int], int, list[tuple[int, int]]]  # (context ids, content start, the (row, choice) pairs after it)
 
 
 @torch.no_grad()
 def score_choices(model: nn.Module, rows: list[Encoded], choice_chars: list[list[int]] | None, *, batch_size: int,
-                  pad_id: int, rt: Runtime, desc: str = "eval", cache: bool | None = None,
-                  route: str | None = None) -> list[dict[str, Any]]:
+                  pad_id: int, rt: Runtime, desc: str = "eval", route: str | None = None) -> list[dict[str, Any]]:
     """Per row, in the order of `rows`: {label, pred, pred_norm, lls, greedy}.
 
     `rows[i].answers` holds row i's choices (any number, at least one token each) and `rows[i].label` the
@@ -105,15 +106,10 @@ def score_choices(model: nn.Module, rows: list[Encoded], choice_chars: list[list
     the choice string without its leading space), which acc_norm divides by; with None, `pred_norm` is
     None. `lls[j]` is the summed log-likelihood of choice j's tokens given the prompt, `greedy[j]` whether
     each of them is the argmax. `route`: "packed", "cached" or "full" takes that route (ValueError where it
-    cannot run); None chooses (see the module docstring). `cache=False` is `route="full"`, `cache=True`
-    `route="cached"`.
+    cannot run); None chooses (see the module docstring).
     """
     _check(rows, choice_chars)
     model.eval()
-    if cache is not None and route is not None:
-        raise ValueError("score_choices: give `route` or `cache`, not both")
-    if cache is not None:
-        route = "cached" if cache else "full"
     if route not in (None, "packed", "cached", "full"):
         raise ValueError(f"score_choices(route={route!r}): one of 'packed', 'cached', 'full' or None")
     usable = rt.num_processes == 1 and not sharding.is_sharded(model)
@@ -121,14 +117,16 @@ def score_choices(model: nn.Module, rows: list[Encoded], choice_chars: list[list
         raise ValueError(f"score_choices(route={route!r}): runs in one process without FSDP; use route=None to "
                          "choose automatically")
     got: Scores | None = None
+    contexts = _contexts(rows) if usable and route != "full" else []
     if route in (None, "packed") and usable:
-        why = why_not_packed(model, rows)
+        lengths = _packed_lengths(contexts, rows)
+        why = why_not_packed(model, max(lengths))
         if why is None:
-            got = _score_packed(model, rows, batch_size=batch_size, pad_id=pad_id, rt=rt, desc=desc)
+            got = _score_packed(model, rows, contexts, lengths, batch_size=batch_size, pad_id=pad_id, rt=rt, desc=desc)
         elif route == "packed":
             raise ValueError(f"score_choices(route='packed'): {why}; use route=None to choose automatically")
     if got is None and route in (None, "cached") and usable:
-        got = _score_cached(model, rows, batch_size=batch_size, pad_id=pad_id, rt=rt, desc=desc)
+        got = _score_cached(model, rows, contexts, batch_size=batch_size, pad_id=pad_id, rt=rt, desc=desc)
         if got is None and route == "cached":
             raise ValueError("score_choices(route='cached'): this model's keys/values cache cannot be expanded to "
                              "the choices; use route=None to choose automatically")
@@ -179,10 +177,17 @@ def _score_full(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_i
 # ----------------------------------------------------------------------------- the packed route
 
 
-def why_not_packed(model: nn.Module, rows: list[Encoded]) -> str | None:
-    """Why the packed route cannot score `rows` with `model` (None: it can). It hands the model a custom 4D attention
-    mask, which transformers' own sdpa and eager attention take as is (flash attention and remote code may not),
-    and which replaces a sliding window: so only where no sequence is longer than the window."""
+def _packed_lengths(contexts: list[Context], rows: list[Encoded]) -> list[int]:
+    """Each context's packed sequence length: the context, then every choice but its last token (which predicts
+    nothing that is scored, and nothing attends to it)."""
+    return [len(ids) + sum(len(rows[i].answers[j]) - 1 for i, j in pairs) for ids, _, pairs in contexts]
+
+
+def why_not_packed(model: nn.Module, longest: int) -> str | None:
+    """Why the packed route cannot run `model` on packed sequences of up to `longest` tokens (None: it can). It hands
+    the model a custom 4D attention mask, which transformers' own sdpa and eager attention take as is (flash
+    attention and remote code may not), and which replaces a sliding window: so only where no sequence is longer
+    than the window."""
     inner = getattr(model, "module", model)
     plain = inner.model if isinstance(inner, ReftModel) else inner
     config = getattr(plain, "config", None)
@@ -194,14 +199,12 @@ def why_not_packed(model: nn.Module, rows: list[Encoded]) -> str | None:
         return f"{type(base).__name__} is not a transformers model (remote code may not read a custom mask)"
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     window = getattr(text, "sliding_window", None)
-    if window and getattr(text, "use_sliding_window", True):
-        longest = max(len(ids) + sum(len(rows[i].answers[j]) - 1 for i, j in pairs) for ids, _, pairs in _contexts(rows))
-        if longest >= window:
-            return f"a sliding window of {window} tokens, shorter than the longest packed sequence ({longest})"
+    if window and getattr(text, "use_sliding_window", True) and longest >= window:
+        return f"a sliding window of {window} tokens, shorter than the longest packed sequence ({longest})"
     return None
 
 
-def _context_batches(contexts: list[tuple[list[int], int, list[tuple[int, int]]]], order: list[int],
+def _context_batches(contexts: list[Context], order: list[int],
                      batch_size: int) -> list[list[int]]:
     """Contexts in `order`, grouped into batches of whole contexts with at most `batch_size` choices between them
     (at least one context a batch)."""
@@ -218,7 +221,7 @@ def _context_batches(contexts: list[tuple[list[int], int, list[tuple[int, int]]]
     return batches
 
 
-def _pack(contexts: list[tuple[list[int], int, list[tuple[int, int]]]], rows: list[Encoded], cs: list[int],
+def _pack(contexts: list[Context], rows: list[Encoded], cs: list[int],
           lengths: list[int], pad_id: int) -> dict[str, Any]:
     """One left-padded batch of packed sequences, context then each of its choices, and where each choice token is
     predicted: `src` (token, 2) batch row and position of the logits that predict it, `tgt` its id, `seg` its
@@ -255,8 +258,8 @@ def _pack(contexts: list[tuple[list[int], int, list[tuple[int, int]]]], rows: li
             "seg": torch.tensor(seg), "pairs": pairs}
 
 
-def _score_packed(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int, rt: Runtime,
-                  desc: str) -> Scores:
+def _score_packed(model: nn.Module, rows: list[Encoded], contexts: list[Context],
+                  lengths: list[int], *, batch_size: int, pad_id: int, rt: Runtime, desc: str) -> Scores:
     """Each distinct context once, in one sequence with all its choices after it; a 4D mask lets each choice see the
     context and itself only, and its position ids continue the context's, so every choice token's logits are the
     ones it gets after its context alone. Several contexts a pass, left-padded, longest first."""
@@ -266,8 +269,6 @@ def _score_packed(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad
     eager = plain.config._attn_implementation == "eager"
     head = plain.get_output_embeddings() if hasattr(plain, "get_output_embeddings") else None
     dtype = next(plain.parameters()).dtype
-    contexts = _contexts(rows)
-    lengths = [len(ids) + sum(len(rows[i].answers[j]) - 1 for i, j in pairs) for ids, _, pairs in contexts]
     batches = _context_batches(contexts, sorted(range(len(contexts)), key=lambda c: (-lengths[c], c)), batch_size)
     out: Scores = {}
     for cs in tqdm(batches, desc=desc, unit="batch", mininterval=2.0, disable=not rt.main):
@@ -284,7 +285,8 @@ def _score_packed(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad
         at = (src[:, 0], src[:, 1] - (width - keep))  # where each choice token's logits are among the kept ones
         # The vocabulary head on exactly those positions: a pre-hook hands it (1, tokens, d) instead of (B, keep, d),
         # so whatever the model does after its head (softcapping, scaling) still applies.
-        handle = head.register_forward_pre_hook(lambda _, args: (args[0][at][None], *args[1:])) if head is not None else None
+        take = lambda _, args: (args[0][at][None], *args[1:])  # noqa: E731
+        handle = head.register_forward_pre_hook(take) if head is not None else None
         try:
             with rt.autocast():
                 logits = model(input_ids=pk["input_ids"].to(device), **kwargs).logits
@@ -303,7 +305,7 @@ def _score_packed(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad
 # ----------------------------------------------------------------------------- the cached route
 
 
-def _contexts(rows: list[Encoded]) -> list[tuple[list[int], int, list[tuple[int, int]]]]:
+def _contexts(rows: list[Encoded]) -> list[Context]:
     """Distinct contexts: (context ids, content start, the (row, choice) pairs that follow it), first seen first.
 
     Keyed by ids and content start (where ReFT's first group starts), so rows that share a context (lm-eval's
@@ -316,15 +318,14 @@ def _contexts(rows: list[Encoded]) -> list[tuple[list[int], int, list[tuple[int,
     return [(list(ids), skip, pairs) for (ids, skip), pairs in seen.items()]
 
 
-def _score_cached(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_id: int, rt: Runtime,
-                  desc: str) -> Scores | None:
+def _score_cached(model: nn.Module, rows: list[Encoded], contexts: list[Context], *, batch_size: int, pad_id: int,
+                  rt: Runtime, desc: str) -> Scores | None:
     """Each distinct context once, its choices after its cached keys/values; None when the model's cache cannot
     be expanded (found on the first context pass, before anything is scored)."""
     device = rt.device
     inner = getattr(model, "module", model)
     plain = inner.model if isinstance(inner, ReftModel) else inner  # runs a pass with no edits
     field = cache_field()
-    contexts = _contexts(rows)
     longest = max(len(ids) + len(rows[i].answers[j]) for ids, _, pairs in contexts for i, j in pairs)
     width = [max(len(rows[i].answers[j]) for i, j in pairs) for _, _, pairs in contexts]
     order = sorted(range(len(contexts)), key=lambda c: (-len(contexts[c][0]), -width[c], c))

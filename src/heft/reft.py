@@ -96,10 +96,10 @@ class LoReFT(nn.Module):
     def R(self) -> torch.Tensor:
         return orthonormal_rows(self.rotation) if self.orthogonal else self.rotation
 
-    def delta(self, h: torch.Tensor, R: torch.Tensor | None = None) -> torch.Tensor:
-        """The edit Phi(h) - h for h of shape (..., d): R^T ((W - R) h + b), one matmul each way. `R`: this
-        intervention's R() when the caller computed it already (`ReftModel` does, for all of them at once)."""
-        R = self.R() if R is None else R
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        """The edit Phi(h) - h for h of shape (..., d): R^T ((W - R) h + b), one matmul each way (`ReftModel`
+        computes the same for all of a layer's interventions at once, see `ReftModel._factors`)."""
+        R = self.R()
         x = _compute_input(h, self.weight)
         low = x @ (self.weight - R.to(self.weight.dtype)).T + _offset(self.bias, x, self.relative)  # (..., r)
         return _maybe_dropout(self.dropout, low @ R.to(low.dtype))  # (..., d)
@@ -131,7 +131,7 @@ class DiReFT(nn.Module):
         self.up = nn.Parameter(up)  # W2: (r, d)
         self.dropout = nn.Dropout(dropout)
 
-    def delta(self, h: torch.Tensor, R: torch.Tensor | None = None) -> torch.Tensor:
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
         x = _compute_input(h, self.weight)
         return _maybe_dropout(self.dropout, (x @ self.weight.T + _offset(self.bias, x, self.relative)) @ self.up)
 
@@ -194,15 +194,15 @@ def prompt_positions(
 @dataclass
 class _Context:
     """Where to intervene during one forward pass (or the prompt pass of one `generate`): the edited positions of
-    every group side by side, `idx` (B, k) and `valid` (B, k, 1), and each intervention group's column range."""
+    every group side by side, `idx` (B, k), each intervention group's column range in them, and `mask` (B, k, G*r):
+    the rank columns of its group's block for each edited position, zero where the position is not valid."""
 
     idx: torch.Tensor
-    valid: torch.Tensor
+    mask: torch.Tensor
     slices: list[tuple[int, int]]
     seq_len: int
     passes_allowed: int | None = None  # generation: only the first model pass (the prompt) is edited
     passes: int = 0
-    mask: torch.Tensor | None = None  # (B, k, G*r): which group's rank columns each edited row uses, times valid
     factors: dict[int, tuple[torch.Tensor, ...]] | None = None  # per layer (down, bias, up), made once per pass
 
 
@@ -292,7 +292,7 @@ class ReftModel(nn.Module):
         block = torch.zeros(idx.shape[1], len(slices) * r, dtype=self._dtype, device=idx.device)  # (k, G*r)
         for g, (a, b) in enumerate(slices):
             block[a:b, g * r:(g + 1) * r] = 1.0
-        self._ctx = _Context(idx, valid, slices, seq_len, passes, mask=valid * block)
+        self._ctx = _Context(idx, valid * block, slices, seq_len, passes)
 
     @property
     def _first(self) -> nn.Module:
