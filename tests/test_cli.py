@@ -407,7 +407,7 @@ def test_run_shares_only_when_exact_with_grad_accum(tiny_model_dir, boolq_files,
 
 def test_stage_cache_keys_follow_what_a_prefix_computes():
     """A prefix key changes with anything its training depends on, and not with what it does not."""
-    from heft.config import from_dict
+    from heft.config import from_dict, to_dict
     from heft.stagecache import StageCache, prefix_key, produces, starts
 
     data = {"source": "local", "train_path": "t.jsonl", "eval_path": "v.jsonl"}
@@ -425,6 +425,10 @@ def test_stage_cache_keys_follow_what_a_prefix_computes():
     assert prefix_key(heft, 1, 1) in produces(evaluated)  # evaluation settings do not change training
     cosine = from_dict({"data": data, "stages": [{"method": "lora", "scheduler": "cosine", "epochs": 2}]})
     assert prefix_key(heft, 1, 1) not in produces(cosine)  # mid-stage states are prefixes only at a constant LR
+    reft = from_dict({"data": data, "stages": [{"method": "reft", "epochs": 2}]})
+    for mode, same in (("recompute", True), ("off", False)):  # the full path rounds differently from the reused prefix
+        assert (prefix_key(reft, 1, 1) in produces(from_dict({**to_dict(reft), "frozen_prefix": mode}))) == same
+    assert prefix_key(heft, 1, 1) in produces(from_dict({**to_dict(long), "frozen_prefix": "off"}))  # LoRA only
     cache = StageCache(Path("unused"), {"heft": heft, "long": long})
     assert cache.wanted == {prefix_key(heft, 1, 1)} and cache.order({"heft": heft, "long": long}) == ["long", "heft"]
 

@@ -188,6 +188,24 @@ def test_per_epoch_evaluation_does_not_change_training(tiny_model_dir, boolq_fil
     assert [r.epoch for r in RunFolder(tmp_path / "b").read_epochs()] == [1, 2] and not (tmp_path / "a" / "epochs.jsonl").exists()
 
 
+def test_final_only_evaluates_once_per_run(tiny_model_dir, boolq_files, tmp_path):
+    """`--final-only`: the same final numbers as a per-epoch study, one evaluation per run, no epoch table."""
+    common = tiny_config(tiny_model_dir, boolq_files, [], data={"train_size": 16, "eval_size": 8})
+    del common["stages"]
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump({"common": common, "strategies": {
+        "lora": [{"method": "lora", "lr": 1.0e-3, "epochs": 2, "batch_size": 8}]}}, sort_keys=False))
+    runs = {}
+    for mode, flag in (("final", ["--final-only"]), ("every", [])):
+        assert main(["compare", "--config", str(path), "--seeds", "0", "--out", str(tmp_path / mode), *flag]) == 0
+        runs[mode] = _report(tmp_path / mode)
+    final, every = runs["final"], runs["every"]
+    assert final["strategies"]["lora"]["mean"] == every["strategies"]["lora"]["mean"]
+    assert final["epochs"] == {"lora": []} and [p["epoch"] for p in every["epochs"]["lora"]] == [1, 2]
+    assert not (tmp_path / "final" / "seed-0" / "lora" / "epochs.jsonl").exists()
+    assert "accuracy vs" not in (tmp_path / "final" / "report.md").read_text().lower()
+
+
 @pytest.mark.parametrize("seeds, message", [(["1", "1"], "duplicates"), ([], "at least one seed")])
 def test_bad_seeds_are_refused(tmp_path, capsys, seeds, message):
     if seeds:

@@ -75,7 +75,7 @@ def cmd_compare(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> i
     from .study import run_study
 
     report = run_study(path, Path(args.out), overrides, seeds=args.seeds, only=args.only, overwrite=args.overwrite,
-                       tensorboard=args.tensorboard, targets=args.target)
+                       tensorboard=args.tensorboard, targets=args.target, final_only=args.final_only)
     if _reports():
         print("\n" + console_table(report))
         print(f"\nwrote {args.out}/report.md and report.json")
@@ -247,6 +247,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    "these accuracies (e.g. 0.65)")
     c.add_argument("--overwrite", action="store_true", help="train everything again into a new folder and swap it in "
                    "for the old one when done")
+    c.add_argument("--final-only", action="store_true", help="evaluate each run at the end of training only, not after "
+                   "every epoch (faster for many epochs or large evaluation sets; no accuracy-vs-epoch table)")
     t = sub.add_parser("train", help="train one run (a list of stages) and evaluate it",
                        description="Train one run: the stages of a run config, then the evaluation.",
                        epilog=train_help, formatter_class=raw)

@@ -7,8 +7,9 @@ are identical share them, and the state at the end of a whole stage is a prefix 
 schedule.
 
 The cache is keyed by everything a stage prefix's result depends on: model, training data, LoRA and
-ReFT settings, seed, precision, batching, the number of processes, and the prefix's stages (their
-folder names aside, the last one cut at the epoch reached). It stores only what another strategy of
+ReFT settings, seed, precision, batching, the number of processes, whether a ReFT stage reuses the
+frozen prefix, and the prefix's stages (their folder names aside, the last one cut at the epoch
+reached). It stores only what another strategy of
 the same study will start from (`wanted`), so nothing is saved for nobody. An entry holds the
 prefix's stage files (adapters), their records, training logs and per-epoch evaluations, so the run
 that starts from it is as complete as if it had trained those stages itself.
@@ -69,6 +70,9 @@ def prefix_key(cfg: RunConfig, count: int, epochs: float) -> str:
         "reft": to_dict(cfg.reft) if uses_reft else None, "seed": cfg.seed, "precision": cfg.precision,
         "length_bucketing": cfg.length_bucketing, "stages": [to_dict(s) for s in stages],
         "processes": int(os.environ.get("WORLD_SIZE", "1")),
+        # a ReFT stage trained over a reused frozen prefix rounds differently from the full path (same within
+        # float tolerance, not bit for bit); `cache` and `recompute` run the same arithmetic
+        "prefix_reuse": cfg.frozen_prefix != "off" if uses_reft else None,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
 
