@@ -21,9 +21,9 @@ def draw(folder: Path, report: dict[str, Any]) -> dict[str, str] | str:
     made: dict[str, str] = {}
     curves = {n: c for n, c in report["epochs"].items() if c}
     base = next((c[0] for c in curves.values() if len(c) == 1 and c[0]["epoch"] == 0), None)
-    axes_wanted = (("epoch", "accuracy_vs_epoch.png", "training epochs (all stages)"),
-                   ("flops", "accuracy_vs_flops.png", "estimated training FLOPs"))
-    for xkey, fname, xlabel in axes_wanted if curves else ():  # no per-epoch evaluations: no curves to draw
+    axes = (("epoch", "accuracy_vs_epoch.png", "training epochs (all stages)"),
+            ("flops", "accuracy_vs_flops.png", "estimated training FLOPs"))
+    for xkey, fname, xlabel in axes if curves else ():  # no per-epoch evaluations (--final-only): nothing to draw
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for name, curve in curves.items():
             if len(curve) == 1 and curve[0]["epoch"] == 0:

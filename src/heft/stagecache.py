@@ -9,10 +9,10 @@ schedule.
 The cache is keyed by everything a stage prefix's result depends on: model, training data, LoRA and
 ReFT settings, seed, precision, batching, the number of processes, whether a ReFT stage reuses the
 frozen prefix, and the prefix's stages (their folder names aside, the last one cut at the epoch
-reached). It stores only what another strategy of
-the same study will start from (`wanted`), so nothing is saved for nobody. An entry holds the
-prefix's stage files (adapters), their records, training logs and per-epoch evaluations, so the run
-that starts from it is as complete as if it had trained those stages itself.
+reached). It stores only what another strategy of the same study will start from (`wanted`), so
+nothing is saved for nobody. An entry holds the prefix's stage files (adapters), their records,
+training logs and per-epoch evaluations, so the run that starts from it is as complete as if it had
+trained those stages itself.
 
     stage-cache/KEY/entry.json          source, stage records, evaluation signature
     stage-cache/KEY/stage-J/            stage J's adapter files (as in a run folder's stage folder)

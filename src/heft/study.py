@@ -64,8 +64,8 @@ def run_study(path: Path, out: Path, overrides: list[tuple[str, str]], *, seeds:
         raise ConfigError(f"--seeds: duplicates in {seeds}")
     configs = select(read_suite(path, overrides), only)
     if seeds is not None:
-        configs = {n: dataclasses.replace(c, eval=dataclasses.replace(c.eval, every_epoch=c.eval.every_epoch or not final_only),
-                                          tensorboard=tensorboard or c.tensorboard) for n, c in configs.items()}
+        configs = {n: dataclasses.replace(c, tensorboard=tensorboard or c.tensorboard, eval=dataclasses.replace(
+                       c.eval, every_epoch=c.eval.every_epoch or not final_only)) for n, c in configs.items()}
     flat = seeds is None
     continuing = not overwrite and StudyFolder(out, flat).is_heft()
     output = Output.open(out, overwrite=overwrite, continuing=continuing, folder=lambda p: StudyFolder(p, flat),
