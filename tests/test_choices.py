@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from heft.choices import choice_accuracy, choose, score_choices
+from heft.choices import choice_accuracy, choose, log_norm, score_choices
 from heft.config import PositionsConfig, ReftConfig
 from heft.tokens import Encoded
 from heft.errors import DataError
@@ -238,3 +238,19 @@ def test_two_processes_score_disjoint_shares_and_agree(tiny):
         assert a["lls"] == pytest.approx(b["lls"], abs=1e-5)
         assert (a["pred"], a["pred_norm"], a["label"], a["greedy"]) == (b["pred"], b["pred_norm"], b["label"], b["greedy"])
     assert not any(math.isnan(ll) for o in merged for ll in o["lls"])
+
+
+@pytest.mark.parametrize("rows", [0, 1, 15, 16, 17, 40])
+def test_log_norm_equals_logsumexp_and_argmax_across_chunk_edges(rows):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 301, generator=g) * 8
+    if rows > 3:
+        x[1, 7] = x[1, 200] = x[1].max() + 1  # a tie: the first maximum wins, as argmax
+        x[2] = float("-inf")  # nothing finite: logsumexp gives -inf, not NaN
+        x[3, 5] = float("inf")
+    lse, best = log_norm(x)
+    assert lse.shape == best.shape == (rows,)
+    torch.testing.assert_close(lse, torch.logsumexp(x, -1), rtol=1e-6, atol=1e-5, equal_nan=True)
+    assert torch.equal(best, x.argmax(-1))
+    if rows > 3:
+        assert best[1] == 7 and lse[2] == float("-inf") and lse[3] == float("inf")

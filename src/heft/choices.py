@@ -74,6 +74,23 @@ def choose(lls: Sequence[float], chars: Sequence[int] | None = None) -> int:
     return max(range(len(values)), key=values.__getitem__)  # max() keeps the first of equal keys
 
 
+def log_norm(logits: torch.Tensor, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of `logits` (T, V): its logsumexp and its argmax (the first maximum), from one max and one exp pass
+    over `chunk` rows at a time, so each chunk stays in cache while it is reduced (about 2x faster on a CPU than
+    `torch.logsumexp` plus `argmax` over the whole, equal to them up to rounding). A row's log-probability of token
+    t is then `logits[row, t] - lse[row]`; like `torch.logsumexp`, a row whose maximum is not finite is not shifted."""
+    lse, top = [], []
+    for s in range(0, logits.shape[0], chunk):
+        x = logits[s:s + chunk]
+        m, i = x.max(-1)
+        m = m.masked_fill(~m.isfinite(), 0.0)
+        lse.append(m + (x - m[:, None]).exp_().sum(-1).log())
+        top.append(i)
+    if not lse:
+        return logits.new_zeros(0), torch.zeros(0, dtype=torch.long, device=logits.device)
+    return torch.cat(lse), torch.cat(top)
+
+
 def _check(rows: list[Encoded], choice_chars: list[list[int]] | None) -> None:
     if choice_chars is not None and len(choice_chars) != len(rows):
         raise DataError(f"choice_chars: {len(choice_chars)} lists for {len(rows)} rows; give one list per row")
@@ -163,10 +180,10 @@ def _score_full(model: nn.Module, rows: list[Encoded], *, batch_size: int, pad_i
             logits = model_forward(model, batch, keep)[:, :-1].float()  # (B, keep-1, V)
         tgt = batch["targets"]  # (B, keep-1), -100 where no choice token
         is_tok = tgt != -100
-        # log_softmax gathered at the targets, without a second (B, keep-1, V) tensor
-        tok_lp = logits.gather(2, tgt.clamp(min=0)[:, :, None])[:, :, 0] - torch.logsumexp(logits, dim=-1)
+        lse, best = map(torch.stack, zip(*(log_norm(x) for x in logits)))  # (B, keep-1) each
+        tok_lp = logits.gather(2, tgt.clamp(min=0)[:, :, None])[:, :, 0] - lse
         ll = torch.where(is_tok, tok_lp, 0.0).sum(1).cpu()  # (B,); where, not *: a pad position may hold NaN
-        top = ((logits.argmax(-1) == tgt) | ~is_tok).all(1).cpu()  # (B,)
+        top = ((best == tgt) | ~is_tok).all(1).cpu()  # (B,)
         for k, s in enumerate(idx):
             if start + k >= real:
                 break  # padding (FSDP): scored by another process
@@ -224,14 +241,15 @@ def _context_batches(contexts: list[Context], order: list[int],
 def _pack(contexts: list[Context], rows: list[Encoded], cs: list[int],
           lengths: list[int], pad_id: int) -> dict[str, Any]:
     """One left-padded batch of packed sequences, context then each of its choices, and where each choice token is
-    predicted: `src` (token, 2) batch row and position of the logits that predict it, `tgt` its id, `seg` its
-    (row, choice) pair's index in `pairs`."""
+    predicted: `src` (P, 2) batch row and position of each predicting position (a context's last position once,
+    though it predicts the first token of all its choices), `at` (token,) the index in `src` of the position that
+    predicts it, `tgt` its id, `seg` its (row, choice) pair's index in `pairs`."""
     width = max(lengths[c] for c in cs)
     ids = torch.full((len(cs), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(cs), width), dtype=torch.long)
     allow = torch.zeros((len(cs), width, width), dtype=torch.bool)  # allow[b, q, k]: query q may attend to key k
     allow[:, torch.arange(width), torch.arange(width)] = True  # padding attends to itself: no all-masked row
-    start, plen, src, tgt, seg, pairs = [], [], [], [], [], []
+    start, plen, src, at_src, tgt, seg, pairs = [], [], [], [], [], [], []
     for b, c in enumerate(cs):
         ctx, skip, ctx_pairs = contexts[c]
         p, n = width - lengths[c], len(ctx)
@@ -241,6 +259,8 @@ def _pack(contexts: list[Context], rows: list[Encoded], cs: list[int],
         start.append(p + skip)
         plen.append(n - skip)
         at = p + n
+        last = len(src)  # the context's last position, which predicts every choice's first token
+        src.append((b, p + n - 1))
         for i, j in ctx_pairs:
             a = rows[i].answers[j]
             m = len(a) - 1  # a choice's last token predicts nothing scored and nothing attends to it: not run
@@ -248,13 +268,14 @@ def _pack(contexts: list[Context], rows: list[Encoded], cs: list[int],
             pos[b, at:at + m] = torch.arange(n, n + m)
             allow[b, at:at + m, p:p + n] = True  # the whole context
             allow[b, at:at + m, at:at + m] = torch.ones(m, m, dtype=torch.bool).tril()  # itself, causally
-            src += [(b, p + n - 1)] + [(b, at + t) for t in range(m)]
+            at_src += [last] + list(range(len(src), len(src) + m))
+            src += [(b, at + t) for t in range(m)]
             tgt += a
             seg += [len(pairs)] * len(a)
             pairs.append((i, j))
             at += m
     return {"input_ids": ids, "position_ids": pos, "allow": allow[:, None], "prompt_start": torch.tensor(start),
-            "prompt_len": torch.tensor(plen), "src": torch.tensor(src), "tgt": torch.tensor(tgt),
+            "prompt_len": torch.tensor(plen), "src": torch.tensor(src), "at": torch.tensor(at_src), "tgt": torch.tensor(tgt),
             "seg": torch.tensor(seg), "pairs": pairs}
 
 
@@ -276,15 +297,15 @@ def _score_packed(model: nn.Module, rows: list[Encoded], contexts: list[Context]
         allow = pk["allow"].to(device)
         mask = torch.where(allow, 0.0, torch.finfo(dtype).min).to(dtype) if eager else allow
         width = pk["input_ids"].shape[1]
-        keep = width - int(pk["src"][:, 1].min())  # logits from the earliest predicting position on
+        keep = width - int(pk["src"][:, 1].min())  # hidden states from the earliest predicting position on
         kwargs: dict[str, Any] = dict(attention_mask=mask, position_ids=pk["position_ids"].to(device),
                                       logits_to_keep=keep, use_cache=False)
         if isinstance(inner, ReftModel):  # the edits go on each context's prompt positions
             kwargs.update(prompt_start=pk["prompt_start"].to(device), prompt_len=pk["prompt_len"].to(device))
         src, tgt, seg = pk["src"].to(device), pk["tgt"].to(device), pk["seg"].to(device)
-        at = (src[:, 0], src[:, 1] - (width - keep))  # where each choice token's logits are among the kept ones
-        # The vocabulary head on exactly those positions: a pre-hook hands it (1, tokens, d) instead of (B, keep, d),
-        # so whatever the model does after its head (softcapping, scaling) still applies.
+        at = (src[:, 0], src[:, 1] - (width - keep))  # the predicting positions among the kept ones
+        # The vocabulary head on exactly those positions: a pre-hook hands it (1, P, d) instead of (B, keep, d), so
+        # whatever the model does after its head (softcapping, scaling) still applies.
         take = lambda _, args: (args[0][at][None], *args[1:])  # noqa: E731
         handle = head.register_forward_pre_hook(take) if head is not None else None
         try:
@@ -293,10 +314,12 @@ def _score_packed(model: nn.Module, rows: list[Encoded], contexts: list[Context]
         finally:
             if handle is not None:
                 handle.remove()
-        lp = (logits[0] if head is not None else logits[at]).float()  # (tokens, V)
-        tok_ll = lp.gather(1, tgt[:, None])[:, 0] - torch.logsumexp(lp, dim=-1)
+        lp = (logits[0] if head is not None else logits[at]).float()  # (P, V)
+        lse, best = log_norm(lp)
+        row = pk["at"].to(device)  # (tokens,) each choice token's predicting position
+        tok_ll = lp[row, tgt] - lse[row]
         ll = torch.zeros(len(pk["pairs"]), device=device).index_add_(0, seg, tok_ll)
-        miss = torch.zeros(len(pk["pairs"]), device=device).index_add_(0, seg, (lp.argmax(-1) != tgt).float())
+        miss = torch.zeros(len(pk["pairs"]), device=device).index_add_(0, seg, (best[row] != tgt).float())
         for p, v, m in zip(pk["pairs"], ll.cpu().tolist(), miss.cpu().tolist()):
             out[p] = (float(v), m == 0)
     return out
@@ -351,8 +374,9 @@ def _score_cached(model: nn.Module, rows: list[Encoded], contexts: list[Context]
         # the first choice token, from the logits of the context's last position
         last = res.logits[:, -1].float()  # (C, V)
         first = torch.tensor([a[0] for a in answers], device=device)  # (N,)
-        ll = last[owner].gather(1, first[:, None])[:, 0] - torch.logsumexp(last, dim=-1)[owner]  # (N,)
-        top = last.argmax(-1)[owner] == first  # (N,)
+        lse, best = log_norm(last)
+        ll = last[owner, first] - lse[owner]  # (N,)
+        top = best[owner] == first  # (N,)
         multi = [n for n, a in enumerate(answers) if len(a) > 1]  # choices with tokens after the first
         if multi:
             w = max(len(answers[n]) for n in multi) - 1
@@ -373,11 +397,12 @@ def _score_cached(model: nn.Module, rows: list[Encoded], contexts: list[Context]
                                position_ids=ctx_len[:, None] + torch.arange(w, device=device)[None, :],
                                use_cache=True, logits_to_keep=w, **{field: past}).logits.float()  # (M, w, V)
             is_tok = tgt != -100
-            tok_lp = logits.gather(2, tgt.clamp(min=0)[:, :, None])[:, :, 0] - torch.logsumexp(logits, dim=-1)
+            lse, best = (v.view(tgt.shape) for v in log_norm(logits.view(-1, logits.shape[-1])))
+            tok_lp = logits.gather(2, tgt.clamp(min=0)[:, :, None])[:, :, 0] - lse
             rest = torch.zeros(len(answers), device=device)
             rest[torch.tensor(multi, device=device)] = torch.where(is_tok, tok_lp, 0.0).sum(1)
             rest_top = torch.ones(len(answers), dtype=torch.bool, device=device)
-            rest_top[torch.tensor(multi, device=device)] = ((logits.argmax(-1) == tgt) | ~is_tok).all(1)
+            rest_top[torch.tensor(multi, device=device)] = ((best == tgt) | ~is_tok).all(1)
             ll, top = ll + rest, top & rest_top
         for p, v, g in zip(pairs, ll.cpu().tolist(), top.cpu().tolist()):
             out[p] = (float(v), bool(g))

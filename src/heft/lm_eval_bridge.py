@@ -43,7 +43,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import model_registry, register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from .choices import score_choices
+from .choices import log_norm, score_choices
 from .data import Example
 from .errors import ConfigError, DataError
 from .runtime import model_forward
@@ -211,7 +211,7 @@ class HeftLM(LM):
                 pred = windows[k][1]
                 tgt = torch.tensor(pred, device=logits.device)
                 rows = logits[b, keep - len(pred):]  # (len(pred), V)
-                out[k] = float((rows.gather(1, tgt[:, None])[:, 0] - torch.logsumexp(rows, dim=-1)).sum())
+                out[k] = float((rows.gather(1, tgt[:, None])[:, 0] - log_norm(rows)[0]).sum())
         return out
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
