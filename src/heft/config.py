@@ -189,7 +189,9 @@ class EvalConfig:
     method: Literal["score", "generate"] = "score"
     """`score`: compare the answers' log-likelihoods (one batched pass); `generate`: greedy decoding, exact match."""
     batch_size: int = 16
-    """Evaluation rows per forward pass on each process (rows are split across processes)."""
+    """The size of each evaluation pass on each process (rows are split across processes): BoolQ rows for BoolQ
+    scoring and rows for generation; for multiple-choice tasks, (row, choice) pairs, whole contexts with all their
+    choices when a context runs once for its choices (heft.choices)."""
     max_new_tokens: int | None = None
     """Longest greedy answer in tokens: BoolQ with `method: generate` (None: 4), generative tasks (None: 256)."""
     extractor: Literal["auto", "after_hash", "last_number", "letter", "first_word", "full", "regex"] = "auto"
