@@ -157,6 +157,27 @@ def test_each_context_runs_once(tiny):
     assert sorted(tuple(t for t in ids if t != tok.pad_token_id) for ids in ran) == want
 
 
+def test_packed_passes_stay_within_the_mask_budget(tiny, monkeypatch):
+    """With a mask budget of two longest contexts' worth, a batch_size that would take every context in one pass
+    takes several, each within the budget, and the scores are the full route's."""
+    import heft.choices as choices
+
+    model, tok = tiny
+    rows = make_rows(tok, 6)[0]
+    longest = max(len(r.prompt) + sum(len(a) - 1 for a in r.answers) for r in rows)
+    monkeypatch.setattr(choices, "MASK_CELLS", 2 * longest ** 2)
+    assert_same(model, rows, tok.pad_token_id, batch_sizes=(50,), routes=("packed",))
+    shapes = []
+    handle = model.register_forward_pre_hook(lambda m, a, k: shapes.append(tuple(k["input_ids"].shape)),
+                                             with_kwargs=True)
+    try:
+        score_choices(model, rows, None, batch_size=50, pad_id=tok.pad_token_id, rt=CPU, route="packed")
+    finally:
+        handle.remove()
+    assert len(shapes) > 1 and sum(b for b, _ in shapes) == len(rows)  # without the budget: one pass of all 6
+    assert all(b * w * w <= 2 * longest ** 2 for b, w in shapes)
+
+
 # ----------------------------------------------------------------------------- choosing the route
 
 

@@ -23,7 +23,7 @@ that can run:
   between choices, no cache to copy, a choice's last token is not run (it predicts nothing scored), and the
   vocabulary head runs only at the positions that predict a choice token. ReFT edits the context's prompt
   positions (the ReftModel's prompt_start/prompt_len). A batch holds whole contexts with at most `batch_size`
-  choices between them, left-padded, longest first.
+  choices between them, left-padded, longest first, and at most 16 M cells of attention mask (contexts x width^2).
 - cached (one process, a model whose keys/values cache can be expanded): each distinct context (the same
   token ids and content start; with lm-eval's tokenization the choices of one row may have different
   context ids) runs once, left-padded with other contexts into a batch, keeping its keys and values. The
@@ -221,15 +221,21 @@ def why_not_packed(model: nn.Module, longest: int) -> str | None:
     return None
 
 
-def _context_batches(contexts: list[Context], order: list[int],
-                     batch_size: int) -> list[list[int]]:
+MASK_CELLS = 1 << 24  # a packed pass's (contexts x width x width) attention mask: 16 M cells (64 MB as a float mask)
+
+
+def _context_batches(contexts: list[Context], order: list[int], batch_size: int,
+                     widths: list[int] | None = None) -> list[list[int]]:
     """Contexts in `order`, grouped into batches of whole contexts with at most `batch_size` choices between them
-    (at least one context a batch)."""
+    (at least one context a batch). With `widths` (each context's packed length; `order` longest first), a batch
+    also stays within MASK_CELLS cells of its (contexts, width, width) attention mask, so long contexts do not
+    multiply into gigabytes of mask."""
     batches: list[list[int]] = []
     count = 0
     for c in order:
         n = len(contexts[c][2])
-        if batches and count + n <= batch_size:
+        fits = not batches or widths is None or (len(batches[-1]) + 1) * widths[batches[-1][0]] ** 2 <= MASK_CELLS
+        if batches and count + n <= batch_size and fits:
             batches[-1].append(c)
             count += n
         else:
@@ -290,7 +296,8 @@ def _score_packed(model: nn.Module, rows: list[Encoded], contexts: list[Context]
     eager = plain.config._attn_implementation == "eager"
     head = plain.get_output_embeddings() if hasattr(plain, "get_output_embeddings") else None
     dtype = next(plain.parameters()).dtype
-    batches = _context_batches(contexts, sorted(range(len(contexts)), key=lambda c: (-lengths[c], c)), batch_size)
+    batches = _context_batches(contexts, sorted(range(len(contexts)), key=lambda c: (-lengths[c], c)), batch_size,
+                               lengths)
     out: Scores = {}
     for cs in tqdm(batches, desc=desc, unit="batch", mininterval=2.0, disable=not rt.main):
         pk = _pack(contexts, rows, cs, lengths, pad_id)
