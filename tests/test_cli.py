@@ -426,9 +426,12 @@ def test_stage_cache_keys_follow_what_a_prefix_computes():
     cosine = from_dict({"data": data, "stages": [{"method": "lora", "scheduler": "cosine", "epochs": 2}]})
     assert prefix_key(heft, 1, 1) not in produces(cosine)  # mid-stage states are prefixes only at a constant LR
     reft = from_dict({"data": data, "stages": [{"method": "reft", "epochs": 2}]})
-    for mode, same in (("recompute", True), ("off", False)):  # the full path rounds differently from the reused prefix
-        assert (prefix_key(reft, 1, 1) in produces(from_dict({**to_dict(reft), "frozen_prefix": mode}))) == same
-    assert prefix_key(heft, 1, 1) in produces(from_dict({**to_dict(long), "frozen_prefix": "off"}))  # LoRA only
+    # the full path rounds differently from the reused prefix, and kept layer streams from recomputed ones
+    for mode in ("recompute", "off"):
+        assert prefix_key(reft, 1, 1) not in produces(from_dict({**to_dict(reft), "frozen_prefix": mode}))
+    assert prefix_key(heft, 1, 1) in produces(from_dict({**to_dict(long), "frozen_prefix": "off"}))  # LoRA, all layers
+    upper = from_dict({**to_dict(long), "lora": {"layers": [1]}})  # LoRA above layer 0: the lower layer is bypassed
+    assert prefix_key(upper, 1, 1) not in produces(from_dict({**to_dict(upper), "frozen_prefix": "off"}))
     cache = StageCache(Path("unused"), {"heft": heft, "long": long})
     assert cache.wanted == {prefix_key(heft, 1, 1)} and cache.order({"heft": heft, "long": long}) == ["long", "heft"]
 

@@ -109,6 +109,9 @@ class LoraConfig:
     """DoRA: learn a per-output-channel magnitude on top of the LoRA direction update (PEFT `use_dora`)."""
     merge: bool = True
     """After a LoRA stage, merge it into the weights for the next stage (else keep it as a frozen adapter)."""
+    layers: tuple[int, ...] | Literal["all"] = "all"
+    """Decoder layers that get adapters: `all` or a list of indices (PEFT `layers_to_transform`). Adapting only the
+    upper layers lets training skip the frozen lower ones after the first epoch (`frozen_prefix`)."""
 
 
 @dataclass(frozen=True)
@@ -227,13 +230,16 @@ class RunConfig:
     length_bucketing: bool = True
     """Batch rows of similar length together (shuffled batches), cutting padding."""
     frozen_prefix: Literal["cache", "recompute", "off"] = "cache"
-    """ReFT stages that edit only the last prompt positions (`reft.positions.first: 0`) of an otherwise frozen model
-    run the tokens before the first edited one without gradients, and only the edited tokens and the answer forward
-    and backward; exact (same loss and gradients). `cache`: keep those tokens' keys/values across epochs (up to
-    `prefix_cache_gb`); `recompute`: run them again each step; `off`: every token forward and backward."""
+    """Never recompute what training cannot change; exact (same loss and gradients). ReFT stages that edit only the
+    last prompt positions (`reft.positions.first: 0`) of an otherwise frozen model run the tokens before the first
+    edited one without gradients, and only the edited tokens and the answer forward and backward. Other stages that
+    adapt only upper layers (`lora.layers`, `reft.layers`) run the frozen layers below once per row. `cache`: keep
+    those tokens' keys/values, or those layers' output, across epochs (up to `prefix_cache_gb`); `recompute`: run
+    them again each step, without gradients; `off`: every token and layer forward and backward."""
     prefix_cache_gb: float = 4.0
-    """Memory for `frozen_prefix: cache` (SmolLM2-135M: ~46 KB per prefix token in fp32, 23 in bf16; ~3.5 GB in
-    fp32 for the default's 600 BoolQ rows); rows past it are recomputed each time they come up."""
+    """Memory for `frozen_prefix: cache` (SmolLM2-135M: ~46 KB per prefix token in fp32, 23 in bf16, ~3.5 GB in
+    fp32 for the default's 600 BoolQ rows; kept layer outputs: 2.3 KB per token); rows past it are recomputed each
+    time they come up."""
     checkpoint_every: int = 0
     """Also checkpoint every N optimizer steps (0: only at epoch ends). `heft train --resume` continues from the latest."""
     log_every: int = 10
@@ -406,10 +412,11 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     need(r.positions.first + r.positions.last < shortest,
          f"reft.positions: first + last = {r.positions.first + r.positions.last} positions do not fit in max_length "
          f"{shortest} tokens; lower them")
-    if isinstance(r.layers, tuple):
-        need(len(r.layers) > 0, "reft.layers: an empty list edits nothing; use `all` or list layer indices")
-        need(len(set(r.layers)) == len(r.layers), f"reft.layers: duplicate layer indices in {list(r.layers)}")
-        need(all(i >= 0 for i in r.layers), f"reft.layers: indices must be >= 0, got {list(r.layers)}")
+    for name, layers in (("reft.layers", r.layers), ("lora.layers", lo.layers)):
+        if isinstance(layers, tuple):
+            need(len(layers) > 0, f"{name}: an empty list adapts nothing; use `all` or list layer indices")
+            need(len(set(layers)) == len(layers), f"{name}: duplicate layer indices in {list(layers)}")
+            need(all(i >= 0 for i in layers), f"{name}: indices must be >= 0, got {list(layers)}")
     need(cfg.log_every > 0, f"log_every: must be positive, got {cfg.log_every}")
     need(cfg.prefix_cache_gb >= 0, f"prefix_cache_gb: must be >= 0 (0: keep nothing), got {cfg.prefix_cache_gb}")
     need(cfg.checkpoint_every >= 0, f"checkpoint_every: must be >= 0 (0: epoch ends only), got {cfg.checkpoint_every}")

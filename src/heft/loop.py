@@ -34,6 +34,7 @@ from . import checkpoint, io, sharding
 from .config import StageConfig
 from .tokens import BucketBatches, Encoded, train_batch
 from .errors import HeftError
+from .layerprefix import FrozenLayers, lowest_layer
 from .prefix import FrozenPrefix, why_not
 from .records import StageProgress
 from .reft import ReftModel
@@ -172,6 +173,7 @@ class _Setup:
     batches: BucketBatches
     total_micro: int
     prefix: FrozenPrefix | None = None
+    layers: FrozenLayers | None = None
 
 
 def _setup(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], no_decay: set[str], rows: list[Encoded],
@@ -239,11 +241,19 @@ def _micro_step(st: _Setup, rows: list[Encoded], idx: list[int], rt: Runtime, pa
     if st.prefix is not None and split is None:
         logger.info("%s: full path from here on: %s", st.prefix.desc, st.prefix.failed)
         st.prefix = None
+    bypass: contextlib.AbstractContextManager = contextlib.nullcontext()
     if split is None:
         cpu_batch = train_batch([rows[i] for i in shards[rank]], pad_id)
         keep = int(cpu_batch.pop("logits_to_keep"))
         batch = {k: v.to(rt.device, non_blocking=True) for k, v in cpu_batch.items()}
-    with contextlib.nullcontext() if boundary else rt.accelerator.no_sync(st.model):
+        if st.layers is not None and not st.layers.checked:
+            failed = st.layers.check(shards[rank], batch, keep)
+            if failed is not None:
+                logger.info("%s: every layer runs from here on: %s", st.layers.desc, failed)
+                st.layers = None
+        if st.layers is not None:  # layers below the lowest adapted one return the rows' kept streams (heft.layerprefix)
+            bypass = st.layers.bypass(shards[rank], batch["input_ids"].shape[1])
+    with contextlib.nullcontext() if boundary else rt.accelerator.no_sync(st.model), bypass:
         with rt.autocast():
             if split is None:
                 logits, targets = model_forward(st.model, batch, keep), batch["targets"]
@@ -260,7 +270,7 @@ def train_stage(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], no_
                 stage: StageConfig, *, rt: Runtime, pad_id: int, seed: int, bucketing: bool, log: StepLog,
                 checkpoints: Path | None = None, checkpoint_every: int = 0,
                 on_epoch_end: Callable[[int, StageProgress], None] | None = None,
-                frozen_prefix: str = "cache", prefix_cache_gb: float = 4.0) -> StageProgress:
+                frozen_prefix: str = "cache", prefix_cache_gb: float = 4.0, layers_path: str | None = None) -> StageProgress:
     """Train `trainable` (everything else frozen) on `rows` for `stage.epochs` epochs.
 
     With `checkpoints`, a checkpoint is written every `checkpoint_every` optimizer steps (0: never
@@ -268,7 +278,8 @@ def train_stage(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], no_
     `on_epoch_end(epoch, progress)` runs after each whole epoch that ends on an optimizer step (then
     the state equals a shorter run's end), except the last. `frozen_prefix` (`cache` | `recompute` | `off`) and
     `prefix_cache_gb`: whether a ReFT stage that edits only the last prompt positions runs the tokens before them
-    without gradients (heft.prefix).
+    without gradients (heft.prefix), and whether any other stage runs the frozen layers below its lowest adapted one
+    once per row (heft.layerprefix; `layers_path` finds the decoder layers).
     """
     if not rows:
         raise HeftError("training data is empty: no rows to train on (check data.train_size and the data files)")
@@ -276,14 +287,23 @@ def train_stage(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], no_
     desc = log.desc
     st = _setup(model, trainable, no_decay, rows, stage, rt, seed, bucketing, desc)
     params = [p for _, p in st.trainable]
-    if frozen_prefix != "off" and isinstance(getattr(st.model, "module", st.model), ReftModel):
-        reason = why_not(st.model, st.trainable)
-        if reason is None:
-            st.prefix = FrozenPrefix(st.model, rows, pad_id, rt, keep=frozen_prefix == "cache",
-                                     budget_gb=prefix_cache_gb, desc=desc)
+    if frozen_prefix != "off":
+        keep_kv = frozen_prefix == "cache"
+        reft = isinstance(getattr(st.model, "module", st.model), ReftModel)
+        reason = why_not(st.model, st.trainable) if reft else None
+        if reft and reason is None:
+            st.prefix = FrozenPrefix(st.model, rows, pad_id, rt, keep=keep_kv, budget_gb=prefix_cache_gb, desc=desc)
             logger.info("%s: %s", desc, st.prefix.describe())
         else:
-            logger.info("%s: every token runs forward and backward: %s", desc, reason)
+            if reason is not None:
+                logger.info("%s: every token runs forward and backward: %s", desc, reason)
+            k, why = lowest_layer(st.model, st.trainable, layers_path)
+            if why is None:
+                st.layers = FrozenLayers(st.model, k, rows, pad_id, rt, keep=keep_kv, budget_gb=prefix_cache_gb,
+                                         desc=desc, layers_path=layers_path)
+                logger.info("%s: %s", desc, st.layers.describe())
+            else:
+                logger.info("%s: every decoder layer runs each step: %s", desc, why)
     st.model.train()
     torch.manual_seed(seed)  # dropout masks depend only on the seed
     done = _resume(checkpoints, st, desc)

@@ -36,23 +36,51 @@ def _quiet_peft() -> Iterator[None]:
         yield
 
 
-def peft_config(cfg: LoraConfig):
+def peft_config(cfg: LoraConfig, targets: str | list[str] | None = None):
     from peft import LoraConfig as PeftLoraConfig
 
-    targets = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
+    if targets is None:
+        targets = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
     return PeftLoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
         use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, task_type="CAUSAL_LM", bias="none",
     )
 
 
-def attach(model: nn.Module, cfg: LoraConfig) -> nn.Module:
-    """Wrap `model` with a fresh, trainable LoRA adapter (PEFT `PeftModel`)."""
+def layer_targets(model: nn.Module, cfg: LoraConfig, layers_path: str | None = None) -> list[str]:
+    """The full names of the linear layers `lora.layers` adapts: inside those decoder layers, matching
+    `lora.target_modules` (`all-linear`, or names matched as PEFT matches them: the name or its last parts). PEFT's
+    own `layers_to_transform` refuses `all-linear`, so heft names the modules itself."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    from .model import decoder_layers
+
+    layers = decoder_layers(model, layers_path)
+    bad = [i for i in cfg.layers if i >= len(layers)]
+    if bad:
+        raise ConfigError(f"lora.layers: {bad} out of range; the model has {len(layers)} decoder layers "
+                          f"(0..{len(layers) - 1})")
+    if isinstance(cfg.target_modules, str) and cfg.target_modules != "all-linear":
+        raise ConfigError(f"lora.layers: cannot be combined with the pattern lora.target_modules={cfg.target_modules!r}; "
+                          "list the module names (e.g. [q_proj, v_proj]) or use `all-linear`")
+    wanted = None if cfg.target_modules == "all-linear" else list(cfg.target_modules)
+    full = {id(m): n for n, m in model.named_modules()}
+    names = [full[id(m)] for i in sorted(cfg.layers) for sub, m in layers[i].named_modules()
+             if isinstance(m, (nn.Linear, Conv1D))
+             and (wanted is None or any(sub == t or sub.endswith("." + t) for t in wanted))]
+    if not names:
+        raise ConfigError(f"lora.layers: no linear layer named {wanted} in decoder layers {sorted(cfg.layers)}")
+    return names
+
+
+def attach(model: nn.Module, cfg: LoraConfig, layers_path: str | None = None) -> nn.Module:
+    """Wrap `model` with a fresh, trainable LoRA adapter (PEFT `PeftModel`), on `lora.layers` only if set."""
     from peft import get_peft_model
 
+    targets = None if cfg.layers == "all" else layer_targets(model, cfg, layers_path)
     try:
         with _quiet_peft():
-            return get_peft_model(model, peft_config(cfg))
+            return get_peft_model(model, peft_config(cfg, targets))
     except ValueError as e:  # PEFT says which target modules it could not find
         raise ConfigError(f"lora.target_modules: {e}. Use `all-linear` or names of linear layers in this model") from None
 

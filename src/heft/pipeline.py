@@ -161,7 +161,7 @@ def _stage_params(s: Session, stage: StageConfig) -> tuple[list[tuple[str, nn.Pa
     """Attach the stage's new adapters; (their trainable parameters, names exempt from weight decay)."""
     named: list[tuple[str, nn.Parameter]] = []
     if stage.trains_lora:
-        s.replace_model(lora.attach(s.model, s.cfg.lora))
+        s.replace_model(lora.attach(s.model, s.cfg.lora, s.cfg.model.layers_path))
         named += [(f"lora.{n}", p) for n, p in lora.trainable(s.model)]
     if stage.trains_reft:
         s.add_reft()
@@ -243,7 +243,7 @@ class _Stages:
                                rt=s.rt, pad_id=s.tokenizer.pad_token_id, seed=cfg.seed + i, bucketing=cfg.length_bucketing,
                                log=log, checkpoints=run.checkpoints_dir(i, stage), checkpoint_every=cfg.checkpoint_every,
                                on_epoch_end=epoch_end, frozen_prefix=cfg.frozen_prefix,
-                               prefix_cache_gb=cfg.prefix_cache_gb)
+                               prefix_cache_gb=cfg.prefix_cache_gb, layers_path=cfg.model.layers_path)
         record = self._record(i, stage, n_params, progress, peak_memory(s.rt.device),
                               log.clipped / progress.optimizer_steps if progress.optimizer_steps else 0.0)
         tensors = _stage_tensors(s, stage)

@@ -70,9 +70,9 @@ def prefix_key(cfg: RunConfig, count: int, epochs: float) -> str:
         "reft": to_dict(cfg.reft) if uses_reft else None, "seed": cfg.seed, "precision": cfg.precision,
         "length_bucketing": cfg.length_bucketing, "stages": [to_dict(s) for s in stages],
         "processes": int(os.environ.get("WORLD_SIZE", "1")),
-        # a ReFT stage trained over a reused frozen prefix rounds differently from the full path (same within
-        # float tolerance, not bit for bit); `cache` and `recompute` run the same arithmetic
-        "prefix_reuse": cfg.frozen_prefix != "off" if uses_reft else None,
+        # a stage trained over reused frozen tokens or layers rounds differently from the full path (the same within
+        # float tolerance, not bit for bit), and `cache` from `recompute` (kept layer streams come from fixed groups)
+        "prefix_reuse": cfg.frozen_prefix if uses_reft or (uses_lora and cfg.lora.layers != "all") else None,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
 
