@@ -19,9 +19,8 @@ so their losses must agree step by step (to 1e-5 in fp32; bf16 rounds each batch
     python bench/prefix_reuse.py [--rows 48] [--batch 8] [--epochs 3] [--last 7] [--seq-len 256]
                                  [--dtype fp32|bf16] [--sides prefix full pyreft] [--out bench/results/prefix_reuse.json]
 
-The layer prefix (hidden states entering the lowest adapted layer, when only upper layers are adapted) is not
-implemented: the backward already stops at the lowest adapted layer, so for ReFT on the upper half it would save
-only the lower half's forward, about 1.2-1.3x by the arithmetic (docs/benchmarks.md section 11).
+The layer prefix (the stream entering the lowest adapted layer, kept when only upper layers are adapted) is
+bench/layer_reuse.py's (docs/benchmarks.md section 11).
 """
 
 from __future__ import annotations

@@ -149,6 +149,20 @@ def test_reft_on_every_layer_bypasses_the_first():
     assert_same(reft, trained, _rows(), 1, BATCHES)
 
 
+def test_reft_on_the_last_layer_only():
+    """The stream entering the last layer is kept; that layer runs, unedited, and its output is edited."""
+    reft, trained = _with_reft(_model("qwen2"), (3,))
+    assert_same(reft, trained, _rows(), 3, BATCHES)
+
+
+def test_gradient_checkpointing():
+    """A checkpointed layer reruns its forward in the backward: the bypass holds until the backward is done."""
+    model = _model("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, trained = _with_lora(model, (2, 3))
+    assert_same(model, trained, _rows(), 2, BATCHES)
+
+
 def test_the_budget_keeps_what_fits():
     reft, trained = _with_reft(_model("llama"), (2,))
     rows = _rows(40)
@@ -202,7 +216,7 @@ def test_reasons_for_the_full_path():
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=4, n_head=2, n_positions=64))
     reft, trained = _with_reft(gpt2, (3,))
     k, why = lowest_layer(reft, trained)
-    assert k == 0 and "dropout is active below layer 4" in why and "transformer.drop" in why
+    assert k == 0 and "dropout is active below layer 3" in why and "transformer.drop" in why
 
     reft, trained = _with_reft(_model("llama"), (2, 3))
     decoder_layers(reft.model)[3].compile()  # lazy: nothing compiles until it runs

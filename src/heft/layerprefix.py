@@ -75,7 +75,8 @@ def lowest_layer(model: nn.Module, trainable: list[tuple[str, nn.Parameter]],
         if id(p) not in where:
             return 0, f"a trained weight is outside the decoder layers ({name})"
         k = min(k, where[id(p)])
-    if k == 0:
+    k = min(k, len(layers) - 1)  # ReFT on the last layer's output only: that layer still runs, unedited
+    if k <= 0:
         return 0, "the lowest decoder layer is adapted"
     if sharding.is_sharded(model):
         return 0, "the model is sharded with FSDP (every forward pass is a collective)"
