@@ -37,7 +37,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from prefix_reuse import make_spec  # noqa: E402
+from prefix_reuse import make_spec, spec_args  # noqa: E402
 from reft_vs_pyreft import autocast, build_model, time_steps  # noqa: E402
 
 CONFIGS = ("reft", "lora")
@@ -99,22 +99,15 @@ def make_step(spec: dict, config: str, side: str):
 def run_one(config: str, side: str, spec: dict) -> dict:
     step, layers = make_step(spec, config, side)
     out = time_steps(step, spec)
-    out["cache_gb"] = layers.stored_bytes / 1e9 if layers is not None else None
+    out["cache_gb"] = layers.store.bytes / 1e9 if layers is not None else None
     out["bypassed_layers"] = layers.k if layers is not None else 0
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=48)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=3)
+    spec_args(ap)  # --last is unused here: ReFT edits the first 7 + last 7 positions
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--last", type=int, default=7, help=argparse.SUPPRESS)  # make_spec's field; positions are 7 + 7
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--num-layers", type=int, default=30, help="30 is SmolLM2-135M; fewer only for smoke tests")
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     ap.add_argument("--out", default=str(HERE / "results" / "layer_reuse.json"))
     ap.add_argument("--one", nargs=2, metavar=("CONFIG", "SIDE"), help=argparse.SUPPRESS)

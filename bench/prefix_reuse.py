@@ -87,7 +87,7 @@ def run_side(side: str, spec: dict) -> dict:
     if side == "prefix":
         step, prefix = prefix_step(spec)
         out = time_steps(step, spec)
-        out["cache_gb"] = prefix.stored_bytes / 1e9
+        out["cache_gb"] = prefix.store.bytes / 1e9
         return out
     if side == "full":
         spec = dict(spec, first=0)
@@ -120,8 +120,8 @@ def make_spec(args: argparse.Namespace, path: Path) -> dict:
     return spec
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def spec_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments make_spec reads (shared with bench/layer_reuse.py)."""
     ap.add_argument("--rows", type=int, default=48)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=3)
@@ -130,6 +130,11 @@ def main() -> None:
     ap.add_argument("--num-layers", type=int, default=30, help="30 is SmolLM2-135M; fewer only for smoke tests")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--device", default="cpu")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    spec_args(ap)
     ap.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     ap.add_argument("--out", default=str(HERE / "results" / "prefix_reuse.json"))
     ap.add_argument("--one", choices=SIDES, help=argparse.SUPPRESS)

@@ -108,11 +108,11 @@ def test_the_budget_keeps_what_fits(tiny):
     reft = with_reft(model, 2)
     one = FrozenPrefix(reft, rows, tok.pad_token_id, CPU, keep=True, budget_gb=1.0, desc="t")
     one.batch([0])
-    size = one.stored_bytes
+    size = one.store.bytes
     prefix = FrozenPrefix(reft, rows, tok.pad_token_id, CPU, keep=True, budget_gb=2.5 * size / 1e9, desc="t")
     for idx in ([0, 1, 2], [3, 4, 5]):
         prefix.batch(idx)
-    assert 1 <= len(prefix.store) <= 2 and prefix.stored_bytes <= 2.5 * size and prefix.full
+    assert 1 <= len(prefix.store) <= 2 and prefix.store.bytes <= 2.5 * size and prefix.store.full
     before = dict(prefix.store)
     loss, _ = loss_and_grads(reft, rows, [3, 4, 5], tok.pad_token_id, prefix)
     full, _ = loss_and_grads(reft, rows, [3, 4, 5], tok.pad_token_id, None)

@@ -28,7 +28,6 @@ serves (ReFT on the last positions only) takes the token prefix, which saves far
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Any, Iterator
 
 import torch
@@ -36,12 +35,10 @@ from torch import nn
 
 from . import sharding
 from .model import decoder_layers
+from .prefix import RowStore
 from .reft import ReftModel
 from .runtime import Runtime, model_forward
 from .tokens import Encoded, train_batch
-
-logger = logging.getLogger(__name__)
-
 
 CAPTURE_ROWS = 16  # rows per pass that fills the cache
 
@@ -104,10 +101,8 @@ class FrozenLayers:
         self.plain = inner.model if isinstance(inner, ReftModel) else inner  # no ReFT edit outside ReftModel.forward
         self.layers = decoder_layers(self.plain, layers_path)
         self.k, self.rows, self.pad_id, self.rt, self.desc = k, rows, pad_id, rt, desc
-        self.keep, self.budget = keep, int(budget_gb * 1e9)
-        self.store: dict[int, torch.Tensor] = {}
-        self.stored_bytes = 0
-        self.full = False  # the budget was reached
+        self.keep = keep
+        self.store = RowStore(budget_gb, desc, "layer cache")
         self.returns: int | None = None  # layer k - 1's output: a tensor (None) or a tuple of this length
         self.checked = False
         # Kept streams are captured in fixed groups of similar-length rows, never in the batch that first needs them:
@@ -117,7 +112,7 @@ class FrozenLayers:
         self.group_of = {i: g for g, members in enumerate(self.groups) for i in members}
 
     def describe(self) -> str:
-        how = (f"kept across epochs (up to {self.budget / 1e9:g} GB)" if self.keep
+        how = (f"kept across epochs (up to {self.store.budget / 1e9:g} GB)" if self.keep
                else "recomputed each step (frozen_prefix: recompute)")
         return (f"decoder layers 0..{self.k - 1} of {len(self.layers)} are frozen and unedited: they run without "
                 f"gradients, the stream entering layer {self.k} {how}")
@@ -154,32 +149,21 @@ class FrozenLayers:
     def _streams(self, idx: list[int]) -> list[torch.Tensor]:
         """Rows `idx`'s streams: kept ones, else their whole group's (the budget permitting), else just theirs."""
         fresh: dict[int, torch.Tensor] = {}
-        if self.keep and not self.full:
+        if self.keep and not self.store.full:
             for g in dict.fromkeys(self.group_of[i] for i in idx if i not in self.store):
                 fresh.update(self._capture(self.groups[g]))
         need = [i for i in idx if i not in self.store and i not in fresh]
         fresh.update(self._capture(need) if need else {})
         if self.keep:
-            for i, h in fresh.items():
-                if i in self.store:
-                    continue
-                size = h.numel() * h.element_size()
-                if self.stored_bytes + size > self.budget:
-                    if not self.full:
-                        logger.info("%s: the layer cache reached prefix_cache_gb (%g GB) after %d rows; the lower "
-                                    "layers of the other rows run again (without gradients) when they come up",
-                                    self.desc, self.budget / 1e9, len(self.store))
-                        self.full = True
-                    continue
-                self.store[i] = h
-                self.stored_bytes += size
+            self.store.keep(fresh)
         return [self.store[i] if i in self.store else fresh[i] for i in idx]
 
     @contextlib.contextmanager
-    def bypass(self, idx: list[int], width: int) -> Iterator[None]:
-        """While inside, layers 0..k-1 return rows `idx`'s streams, left-padded to `width` tokens, instead of
-        computing them; hold it over the backward too (a checkpointed layer reruns its forward there)."""
-        streams = self._streams(idx)
+    def bypass(self, idx: list[int], width: int, streams: list[torch.Tensor] | None = None) -> Iterator[None]:
+        """While inside, layers 0..k-1 return rows `idx`'s streams (kept or captured now, unless given), left-padded
+        to `width` tokens, instead of computing them; hold it over the backward too (a checkpointed layer reruns its
+        forward there)."""
+        streams = self._streams(idx) if streams is None else streams
         h = streams[0].new_zeros(len(idx), width, streams[0].shape[-1])  # pads: zeros, which no real token attends to
         for b, s in enumerate(streams):
             h[b, width - s.shape[0]:] = s
@@ -201,13 +185,16 @@ class FrozenLayers:
                     layer.forward = before
 
     def check(self, idx: list[int], batch: dict[str, torch.Tensor], keep: int) -> str | None:
-        """None when the bypass gives the model's own logits on this batch (no dropout, no gradients); else why not."""
+        """None when the bypass gives the model's own logits on this batch (no dropout, no gradients); else why not.
+        The streams are this batch's own, captured now: what is checked is that the layers pass nothing else
+        between them, not how bf16 rounds a differently padded batch."""
         was = self.inner.training
         self.inner.eval()
         try:
             with torch.no_grad(), self.rt.autocast():
                 full = model_forward(self.inner, batch, keep).float()
-                with self.bypass(idx, batch["input_ids"].shape[1]):
+                own = self._capture(idx)
+                with self.bypass(idx, batch["input_ids"].shape[1], [own[i] for i in idx]):
                     mine = model_forward(self.inner, batch, keep).float()
         finally:
             self.inner.train(was)

@@ -296,14 +296,14 @@ def train_stage(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], no_
             logger.info("%s: %s", desc, st.prefix.describe())
         else:
             if reason is not None:
-                logger.info("%s: every token runs forward and backward: %s", desc, reason)
+                logger.info("%s: no frozen token prefix to reuse: %s", desc, reason)
             k, why = lowest_layer(st.model, st.trainable, layers_path)
             if why is None:
                 st.layers = FrozenLayers(st.model, k, rows, pad_id, rt, keep=keep_kv, budget_gb=prefix_cache_gb,
                                          desc=desc, layers_path=layers_path)
                 logger.info("%s: %s", desc, st.layers.describe())
             else:
-                logger.info("%s: every decoder layer runs each step: %s", desc, why)
+                logger.info("%s: no frozen lower layers to bypass, every layer runs each step: %s", desc, why)
     st.model.train()
     torch.manual_seed(seed)  # dropout masks depend only on the seed
     done = _resume(checkpoints, st, desc)

@@ -74,6 +74,32 @@ def why_not(model: nn.Module, trainable: list[tuple[str, nn.Parameter]]) -> str 
     return None
 
 
+class RowStore(dict):
+    """Per-row tensors (row index -> tensor) kept within a byte budget; past it, rows are not kept (their owner
+    recomputes them when they come up), which the log says once."""
+
+    def __init__(self, budget_gb: float, desc: str, what: str):
+        super().__init__()
+        self.budget, self.desc, self.what = int(budget_gb * 1e9), desc, what
+        self.bytes = 0
+        self.full = False  # the budget was reached
+
+    def keep(self, fresh: dict[int, torch.Tensor]) -> None:
+        for i, t in fresh.items():
+            if i in self:
+                continue
+            size = t.numel() * t.element_size()
+            if self.bytes + size > self.budget:
+                if not self.full:
+                    logger.info("%s: the %s reached prefix_cache_gb (%g GB) after %d rows; the other rows' are "
+                                "recomputed (without gradients) when they come up", self.desc, self.what,
+                                self.budget / 1e9, len(self))
+                    self.full = True
+                continue
+            self[i] = t
+            self.bytes += size
+
+
 class FrozenPrefix:
     """Builds a ReFT stage's training batches from frozen prefixes (kept or recomputed) and trained suffixes."""
 
@@ -83,7 +109,7 @@ class FrozenPrefix:
         assert isinstance(inner, ReftModel)
         self.plain = inner.model  # the frozen model underneath; its hooks edit nothing outside ReftModel.forward
         self.rows, self.pad_id, self.rt, self.desc = rows, pad_id, rt, desc
-        self.keep, self.budget = keep, int(budget_gb * 1e9)
+        self.keep = keep
         self.field = cache_field()
         last = inner.cfg.positions.last
         self.split, self.edited = [], []  # per row: tokens before the first edited one (or the last prompt token)
@@ -92,14 +118,12 @@ class FrozenPrefix:
             self.edited.append(max(0, min(last, plen - r.content_start)))
             self.split.append(min(plen - self.edited[-1], plen - 1))  # the last prompt token predicts the answer
         self.longest = max(len(r.prompt_for(r.label)) + len(r.answers[r.label]) for r in rows)
-        self.store: dict[int, torch.Tensor] = {}
-        self.stored_bytes = 0
-        self.full = False  # the budget was reached
+        self.store = RowStore(budget_gb, desc, "prefix cache")
         self.failed: str | None = None  # set when the model's cache turned out not to be regroupable
 
     def describe(self) -> str:
         prefix, total = sum(self.split), sum(len(r.prompt_for(r.label)) + len(r.answers[r.label]) for r in self.rows)
-        how = (f"kept across epochs (up to {self.budget / 1e9:g} GB)" if self.keep
+        how = (f"kept across epochs (up to {self.store.budget / 1e9:g} GB)" if self.keep
                else "recomputed each step (frozen_prefix: recompute)")
         return (f"{100 * prefix / max(1, total):.0f}% of the training tokens come before the first edited position "
                 f"and run without gradients, their keys/values {how}")
@@ -124,17 +148,7 @@ class FrozenPrefix:
             self.failed = "this model's keys/values cache cannot be regrouped by row"
             return None
         if self.keep:
-            for i, kv in fresh.items():
-                size = kv.numel() * kv.element_size()
-                if self.stored_bytes + size > self.budget:
-                    if not self.full:
-                        logger.info("%s: the prefix cache reached prefix_cache_gb (%g GB) after %d rows; the prefixes "
-                                    "of the other rows are recomputed (without gradients) when they come up",
-                                    self.desc, self.budget / 1e9, len(self.store))
-                        self.full = True
-                    continue
-                self.store[i] = kv
-                self.stored_bytes += size
+            self.store.keep(fresh)
         items = []
         for i in idx:  # the suffix's edited tokens are its last `edited` prompt tokens (none: nothing to edit)
             prompt = self.rows[i].prompt_for(self.rows[i].label)[self.split[i]:]
