@@ -102,6 +102,24 @@ def test_two_processes_reuse_frozen_prefixes_and_match_one(single, tmp_path):
     assert_same_run(tmp_path / "one", tmp_path / "ddp")
 
 
+def test_two_processes_bypass_frozen_layers_and_match_one(single, tmp_path):
+    """LoRA and ReFT on the upper layers only: every process keeps the streams of the rows it trains on
+    (heft.layerprefix) and bypasses the layers below, through DDP's wrapper, and the run equals one process's."""
+    cfg, _ = single
+    raw = yaml.safe_load(cfg.read_text())
+    raw["lora"]["layers"] = raw["reft"]["layers"] = [2, 3]
+    upper = tmp_path / "upper.yaml"
+    upper.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(upper), "--out", str(tmp_path / "one"),
+                 "--stages.0.batch_size", "8", "--stages.1.batch_size", "8"]) == 0
+    proc = torchrun("-m", "heft", "train", "--config", str(upper), "--out", str(tmp_path / "ddp"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(lora): decoder layers 0..1 of 4 are frozen" in proc.stderr  # LoRA on 2-3
+    assert "(reft): decoder layers 0..2 of 4 are frozen" in proc.stderr  # ReFT on the output of 2-3
+    assert "every layer runs from here on" not in proc.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "ddp")
+
+
 def test_accelerate_launch_runs_two_processes(single, tmp_path):
     # `accelerate launch --cpu --num_processes 2` and `distributed_type: MULTI_CPU` start ONE process
     # in accelerate 1.15 (no MPI); the shipped config starts two through torchrun, joined with gloo.
