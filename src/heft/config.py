@@ -237,8 +237,8 @@ class RunConfig:
     those tokens' keys/values, or those layers' output, across epochs (up to `prefix_cache_gb`); `recompute`: run
     them again each step, without gradients; `off`: every token and layer forward and backward."""
     prefix_cache_gb: float = 4.0
-    """Memory for `frozen_prefix: cache` (SmolLM2-135M: ~46 KB per prefix token in fp32, 23 in bf16, ~3.5 GB in
-    fp32 for the default's 600 BoolQ rows; kept layer outputs: 2.3 KB per token); rows past it are recomputed each
+    """Memory for `frozen_prefix: cache` (SmolLM2-135M: ~46 KB per prefix token in fp32 and under bf16 autocast, ~3.5
+    GB for the default's 600 BoolQ rows; kept layer outputs: 2.3 KB per token); rows past it are recomputed each
     time they come up."""
     checkpoint_every: int = 0
     """Also checkpoint every N optimizer steps (0: only at epoch ends). `heft train --resume` continues from the latest."""
