@@ -15,9 +15,9 @@ already stops at the lowest adapted layer, so what is saved is the lower layers'
 (forward about a third of a step) ~1.2x with the upper half adapted.
 
 Exact: the loss and the gradients equal the full path's within floating-point rounding (tests/test_layerprefix.py);
-each stage also checks this itself on its first batch (one extra pair of forward passes, without gradients) and
-takes the full path, saying why, if the bypass does not reproduce the model's logits (an architecture whose layers
-pass something else between them). The same modes and budget as the token prefix (heft.prefix): `cache` keeps
+each stage also checks this itself on its first batch (a full forward pass, and one bypassing the lower layers with
+that batch's own streams, without gradients) and takes the full path, saying why, if the bypass does not reproduce
+the model's logits (an architecture whose layers pass something else between them). The same modes and budget as the token prefix (heft.prefix): `cache` keeps
 the streams up to `prefix_cache_gb`, `recompute` runs the lower layers again (without gradients) every step.
 
 Taken only where it is exact and can run: every trained weight inside the decoder layers or ReFT's interventions,
