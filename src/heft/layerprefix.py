@@ -114,8 +114,9 @@ class FrozenLayers:
     def describe(self) -> str:
         how = (f"kept across epochs (up to {self.store.budget / 1e9:g} GB)" if self.keep
                else "recomputed each step (frozen_prefix: recompute)")
-        return (f"decoder layers 0..{self.k - 1} of {len(self.layers)} are frozen and unedited: they run without "
-                f"gradients, the stream entering layer {self.k} {how}")
+        which = "decoder layer 0 of {n} is" if self.k == 1 else "decoder layers 0..{k} of {n} are"
+        return (which.format(k=self.k - 1, n=len(self.layers)) + f" frozen and unedited: bypassed after one pass "
+                f"without gradients, the stream entering layer {self.k} {how}")
 
     def _capture(self, idx: list[int]) -> dict[int, torch.Tensor]:
         """The stream entering layer k for rows `idx`, one (tokens, d) tensor per row; layers k.. do not run."""
