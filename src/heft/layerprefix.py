@@ -112,11 +112,11 @@ class FrozenLayers:
         self.group_of = {i: g for g, members in enumerate(self.groups) for i in members}
 
     def describe(self) -> str:
-        how = (f"kept across epochs (up to {self.store.budget / 1e9:g} GB)" if self.keep
-               else "recomputed each step (frozen_prefix: recompute)")
         which = "decoder layer 0 of {n} is" if self.k == 1 else "decoder layers 0..{k} of {n} are"
-        return (which.format(k=self.k - 1, n=len(self.layers)) + f" frozen and unedited: bypassed after one pass "
-                f"without gradients, the stream entering layer {self.k} {how}")
+        how = (f"run once per row without gradients, then bypassed: the stream entering layer {self.k} is kept across "
+               f"epochs (up to {self.store.budget / 1e9:g} GB)" if self.keep
+               else "run without gradients each step (frozen_prefix: recompute)")
+        return which.format(k=self.k - 1, n=len(self.layers)) + " frozen and unedited: " + how
 
     def _capture(self, idx: list[int]) -> dict[int, torch.Tensor]:
         """The stream entering layer k for rows `idx`, one (tokens, d) tensor per row; layers k.. do not run."""
