@@ -35,7 +35,7 @@ from torch import nn
 
 from . import sharding
 from .model import decoder_layers
-from .prefix import RowStore
+from .prefix import RowStore, active_dropout
 from .reft import ReftModel
 from .runtime import Runtime, model_forward
 from .tokens import Encoded, train_batch
@@ -79,14 +79,9 @@ def lowest_layer(model: nn.Module, trainable: list[tuple[str, nn.Parameter]],
         return 0, "the model is sharded with FSDP (every forward pass is a collective)"
     if any(getattr(layer, "_compiled_call_impl", None) is not None for layer in layers):
         return 0, "the decoder layers are compiled (model.compile: true), so they cannot be bypassed"
-    upper = {id(m) for layer in layers[k:] for m in layer.modules()}
-    for name, m in plain.named_modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and id(m) not in upper:
-            return 0, f"dropout is active below layer {k} ({name}, p={m.p}); a kept stream would draw it once"
-    config = getattr(plain, "config", None)
-    p = getattr(config, "attention_dropout", 0.0) if config is not None else 0.0
-    if isinstance(p, (int, float)) and p > 0:
-        return 0, f"dropout is active below layer {k} (config.attention_dropout={p})"
+    dropout = active_dropout(plain, skip={id(m) for layer in layers[k:] for m in layer.modules()})
+    if dropout is not None:
+        return 0, f"dropout is active below layer {k} ({dropout}); a kept stream would draw it once"
     return k, None
 
 

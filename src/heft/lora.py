@@ -53,23 +53,20 @@ def layer_targets(model: nn.Module, cfg: LoraConfig, layers_path: str | None = N
     own `layers_to_transform` refuses `all-linear`, so heft names the modules itself."""
     from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
 
-    from .model import decoder_layers
+    from .model import check_layer_ids, decoder_layers
 
     layers = decoder_layers(model, layers_path)
-    bad = [i for i in cfg.layers if i >= len(layers)]
-    if bad:
-        raise ConfigError(f"lora.layers: {bad} out of range; the model has {len(layers)} decoder layers "
-                          f"(0..{len(layers) - 1})")
+    ids = check_layer_ids("lora.layers", list(cfg.layers), len(layers))
     if isinstance(cfg.target_modules, str) and cfg.target_modules != "all-linear":
         raise ConfigError(f"lora.layers: cannot be combined with the pattern lora.target_modules={cfg.target_modules!r}; "
                           "list the module names (e.g. [q_proj, v_proj]) or use `all-linear`")
     wanted = None if cfg.target_modules == "all-linear" else list(cfg.target_modules)
     full = {id(m): n for n, m in model.named_modules()}
-    names = [full[id(m)] for i in sorted(cfg.layers) for sub, m in layers[i].named_modules()
+    names = [full[id(m)] for i in ids for sub, m in layers[i].named_modules()
              if isinstance(m, (nn.Linear, Conv1D))
              and (wanted is None or any(sub == t or sub.endswith("." + t) for t in wanted))]
     if not names:
-        raise ConfigError(f"lora.layers: no linear layer named {wanted} in decoder layers {sorted(cfg.layers)}")
+        raise ConfigError(f"lora.layers: no linear layer named {wanted} in decoder layers {ids}")
     return names
 
 

@@ -269,6 +269,14 @@ def decoder_layers(model: nn.Module, layers_path: str | None = None) -> nn.Modul
     )
 
 
+def check_layer_ids(field: str, layer_ids: list[int], num_layers: int) -> list[int]:
+    """`layer_ids` sorted, after checking them against the model's depth (`field` names the config field)."""
+    bad = [i for i in layer_ids if not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(f"{field}: {bad} out of range; the model has {num_layers} decoder layers (0..{num_layers - 1})")
+    return sorted(layer_ids)
+
+
 def hidden_size(model: nn.Module) -> int:
     cfg = unwrap(model).config
     cfg = getattr(cfg, "text_config", None) or cfg

@@ -40,11 +40,11 @@ from .tokens import Encoded, prompt_batch, train_batch
 logger = logging.getLogger(__name__)
 
 
-def active_dropout(model: nn.Module) -> str | None:
-    """The first dropout that is active in training mode in `model` (a module, or the config's attention dropout
-    that attention functions apply), or None."""
+def active_dropout(model: nn.Module, skip: set[int] | frozenset[int] = frozenset()) -> str | None:
+    """The first dropout that is active in training mode in `model` (a module, except those whose id() is in
+    `skip`, or the config's attention dropout that attention functions apply), or None."""
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and id(m) not in skip:
             return f"{name} (p={m.p})"
     config = getattr(model, "config", None)
     p = getattr(config, "attention_dropout", 0.0) if config is not None else 0.0

@@ -40,6 +40,7 @@ from torch import nn
 from . import __version__, io, sharding
 from .config import PositionsConfig, ReftConfig
 from .errors import CheckpointError, ConfigError
+from .model import check_layer_ids
 
 logger = logging.getLogger(__name__)
 
@@ -146,11 +147,8 @@ def check_fits(cfg: ReftConfig, num_layers: int, d: int) -> list[int]:
     """The edited layer indices, after checking rank and layers against the model."""
     if cfg.rank > d:
         raise ConfigError(f"reft.rank: {cfg.rank} is larger than the model's hidden size {d}; use a rank <= {d}")
-    layer_ids = list(range(num_layers)) if cfg.layers == "all" else sorted(cfg.layers)
-    bad = [i for i in layer_ids if not 0 <= i < num_layers]
-    if bad:
-        raise ConfigError(f"reft.layers: {bad} out of range; the model has {num_layers} decoder layers (0..{num_layers - 1})")
-    return layer_ids
+    return check_layer_ids("reft.layers", list(range(num_layers)) if cfg.layers == "all" else list(cfg.layers),
+                           num_layers)
 
 
 def make_intervention(cfg: ReftConfig, d: int) -> nn.Module:
