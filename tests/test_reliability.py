@@ -247,6 +247,20 @@ def _holder(lock: Path) -> dict:
         return {}
 
 
+def test_a_folder_holding_only_a_killed_writes_temporary_file_counts_as_empty(tiny_model_dir, boolq_files, tmp_path):
+    """SIGKILL inside the first atomic write (config.yaml) leaves only `.config.yaml.XXXX.tmp`: the next run takes
+    the folder as empty, with or without --overwrite, and clears the leftover."""
+    for flags in ([], ["--overwrite"]):
+        run = tmp_path / f"run{len(flags)}"
+        run.mkdir()
+        (run / ".config.yaml.k1ll3d.tmp").write_text("model: {name_or_")
+        assert main(["train", "--config", str(_quick(tiny_model_dir, boolq_files, tmp_path)), "--out", str(run), *flags]) == 0
+        assert not list(run.glob(".*.tmp")) and (run / "metrics.json").is_file()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.tmp").write_text("not hidden: the user's")
+    assert main(["train", "--config", str(_quick(tiny_model_dir, boolq_files, tmp_path)), "--out", str(tmp_path / "mine")]) == 2
+
+
 def test_a_second_train_into_the_same_out_is_refused_at_once_naming_the_holder(tiny_model_dir, boolq_files, tmp_path,
                                                                                capsys):
     """A real second process: `python -m heft train` holds the folder; ours is refused at once, naming it. Killed

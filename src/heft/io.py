@@ -23,6 +23,11 @@ def user_mode(path: Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def is_partial(path: Path) -> bool:
+    """A temporary file of an atomic write (write_text's `.NAME.XXXX.tmp`) that a killed process left behind."""
+    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
+
+
 def write_text(path: Path, text: str) -> None:
     """Write `text` to `path` atomically: a crash leaves the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)

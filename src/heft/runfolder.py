@@ -266,7 +266,8 @@ class Output:
         check_out_path(out)
         lock = FolderLock(out, what).acquire() if main else None
         try:
-            non_empty = out.is_dir() and any(out.iterdir())
+            # a process killed inside its first atomic write leaves only that write's temporary file: nothing yet
+            non_empty = out.is_dir() and any(not io.is_partial(p) for p in out.iterdir())
             if non_empty and not continuing:
                 if not overwrite:
                     raise ConfigError(f"--out: {out} is not empty (it holds {folder(out).describe()}); pass --resume to "
@@ -287,6 +288,8 @@ class Output:
         if self.replacing and self.work.exists():
             shutil.rmtree(self.work)
         self.work.mkdir(parents=True, exist_ok=True)
+        for stale in filter(io.is_partial, self.work.iterdir()):  # a killed writer's, since we hold the lock
+            stale.unlink()
 
     def finish(self) -> None:
         """Swap the new folder in: the old one is moved away last, then deleted."""
