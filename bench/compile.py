@@ -43,13 +43,13 @@ DEFAULT_RUN_CALLS = {"lora": 150, "reft": 225, "score": 2500 / 16}  # heft run: 
 
 
 def make_step(workload: str, spec: dict, compiled: bool):
-    from heft.config import LoraConfig, PositionsConfig, ReftConfig
-    from heft.lora import attach
-    from heft.loop import answer_loss
-    from heft.model import compile_layers, decoder_layers, fp32_output_head, hidden_size
-    from heft.reft import ReftModel
-    from heft.runtime import model_forward
-    from heft.tokens import Encoded, prompt_batch, train_batch
+    from heft.config.schema import LoraConfig, PositionsConfig, ReftConfig
+    from heft.methods.lora import attach
+    from heft.train.loop import answer_loss
+    from heft.methods.model import compile_layers, decoder_layers, fp32_output_head, hidden_size
+    from heft.methods.reft import ReftModel
+    from heft.train.runtime import model_forward
+    from heft.data.tokens import Encoded, prompt_batch, train_batch
 
     model = build_model(spec)
     if spec["dtype"] == "bf16":
@@ -123,10 +123,10 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
 
-    from heft.config import DataConfig
-    from heft.data import load_splits
-    from heft.model import resolve_model_path
-    from heft.tokens import Encoder
+    from heft.config.schema import DataConfig
+    from heft.data.rows import load_splits
+    from heft.methods.model import resolve_model_path
+    from heft.data.tokens import Encoder
     from peer_venv import run_json
     from transformers import AutoTokenizer
 
@@ -170,7 +170,7 @@ def main() -> None:
               f"{t['steady_speedup']:>9.2f}x{t['compile_overhead_seconds']:>11.1f}{t['default_run_speedup']:>12.2f}x")
     print(f"projected default run: eager {eager / 60:.1f} min, compiled {compiled / 60:.1f} min "
           f"({result['default_run_speedup']:.2f}x; on by default only at >= 1.2x)")
-    from heft.io import write_json
+    from heft.run.atomic import write_json
 
     write_json(Path(args.out), result)
     print(f"wrote {args.out}")

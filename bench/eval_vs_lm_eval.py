@@ -3,7 +3,7 @@
 Both sides score the same BoolQ validation rows with the same local model folder (the embedded
 SmolLM2-135M-Instruct by default), by comparing log p(" no" | prompt) and log p(" yes" | prompt):
 
-- `heft`: `heft.tokens.Encoder` (the `passage` prompt) + `heft.evaluate.score` (one forward pass per
+- `heft`: `heft.data.tokens.Encoder` (the `passage` prompt) + `heft.evaluation.yesno.score` (one forward pass per
   row, left-padded batches sorted by length, logits only at the last position) + `accuracy`.
 - `lm-eval`: lm-evaluation-harness 0.4.13, `hf` model (`HFLM`), zero-shot, the built-in `boolq`
   task's own config (prompt `{{passage}}\\nQuestion: {{question}}?\\nAnswer:`, choices `no`/`yes`)
@@ -11,7 +11,7 @@ SmolLM2-135M-Instruct by default), by comparing log p(" no" | prompt) and log p(
   `lm_eval.simple_evaluate`. It runs in its own virtual environment that sees heft's torch and
   transformers (`--system-site-packages`), so both sides run the same model code.
 
-Same rows: heft reads and checks them (`heft.data.load_splits`), and the lm-eval side reads a JSON
+Same rows: heft reads and checks them (`heft.data.rows.load_splits`), and the lm-eval side reads a JSON
 file written from exactly those rows (question and passage as heft stripped them, label 0/1), so
 the prompt texts are identical; the script then checks that lm-eval's context and continuation
 token ids equal heft's prompt and answer ids on every row. heft's length budget is set high enough
@@ -57,12 +57,13 @@ MAX_LENGTH = 8192  # heft's length budget here: no BoolQ passage is cut (lm-eval
 
 def run_heft(spec: dict) -> dict:
     import torch
-    from heft.config import DataConfig, ModelConfig
-    from heft.data import load_splits
-    from heft.tokens import Encoder
-    from heft.evaluate import accuracy, score
-    from heft.model import load_model
-    from heft.runtime import Runtime, use_bf16
+    from heft.config.schema import DataConfig, ModelConfig
+    from heft.data.rows import load_splits
+    from heft.data.tokens import Encoder
+    from heft.evaluation.evaluate import accuracy
+    from heft.evaluation.yesno import score
+    from heft.methods.model import load_model
+    from heft.train.runtime import Runtime, use_bf16
 
     # heft's Runtime, with the device chosen by the flag (no launcher here: one process).
     device = torch.device(spec["device"])
@@ -127,8 +128,8 @@ def run_lm_eval(spec: dict) -> dict:
 
 def write_rows(n: int, path: Path) -> list:
     """The first n validation rows as heft reads them, as JSON lines for lm-eval's `json` loader."""
-    from heft.config import DataConfig
-    from heft.data import load_splits
+    from heft.config.schema import DataConfig
+    from heft.data.rows import load_splits
 
     rows = load_splits(DataConfig(eval_size=n), with_train=False).eval
     path.write_text("".join(json.dumps({"idx": r.idx, "question": r.question, "passage": r.passage,
@@ -160,8 +161,8 @@ def main() -> None:
     from peer_venv import ensure_venv, run_json
     from transformers import AutoTokenizer
 
-    from heft.tokens import Encoder
-    from heft.model import resolve_model_path
+    from heft.data.tokens import Encoder
+    from heft.methods.model import resolve_model_path
 
     lm_eval_python = ensure_venv("lm-eval", LM_EVAL_STEPS, system_site_packages=True)
     pythons = {"heft": sys.executable, "lm-eval": str(lm_eval_python)}
@@ -224,7 +225,7 @@ def main() -> None:
     print(f"identical token ids on {same_ids}/{len(rows)} rows; heft truncated {result['heft_truncated_rows']} rows")
     print(f"same prediction on {agree:.2%} of rows (goal >= 99.5%)")
     print(f"speed-up of heft: {result['speedup_heft']:.2f}x (goal >= 2x)")
-    from heft.io import write_json
+    from heft.run.atomic import write_json
 
     write_json(Path(args.out), result)
     print(f"wrote {args.out}")

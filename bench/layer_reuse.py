@@ -1,4 +1,4 @@
-"""Benchmark: training epochs with the frozen lower layers reused (heft.layerprefix) vs every layer each step.
+"""Benchmark: training epochs with the frozen lower layers reused (heft.reuse.layer_prefix) vs every layer each step.
 
 Issue #15, item 1 (the layer prefix). When only the upper decoder layers are adapted, the stream entering the
 lowest adapted layer depends only on frozen weights: heft computes it once per row and, from the second epoch on,
@@ -10,7 +10,7 @@ rows and batch order (one shuffled order per epoch):
 - `lora`: LoRA r 8 (alpha 16, dropout 0.05, all linear layers) on the upper half, through PEFT; the full side is
   then a plain PEFT training loop
 
-Sides: `layers` (heft.layerprefix.FrozenLayers kept across epochs, AdamW step as heft.loop) and `full` (the same
+Sides: `layers` (heft.reuse.layer_prefix.FrozenLayers kept across epochs, AdamW step as heft.train.loop) and `full` (the same
 step, every layer each step). Rounds alternate the sides' order; the ratio is computed per round and its spread
 reported. The expected figure, from the arithmetic: with half the layers bypassed, the step loses the lower half's
 forward. A frozen layer's backward (input gradients only) costs about one forward, a trained one's about two, so
@@ -46,14 +46,14 @@ SIDES = ("layers", "full")
 
 def make_step(spec: dict, config: str, side: str):
     """One training step (a function of the batch rows) of `config` on `side`."""
-    from heft.config import LoraConfig, PositionsConfig, ReftConfig
-    from heft.layerprefix import FrozenLayers, lowest_layer
-    from heft.lora import attach, trainable
-    from heft.loop import answer_loss
-    from heft.model import decoder_layers, fp32_output_head, hidden_size
-    from heft.reft import ReftModel
-    from heft.runtime import Runtime, model_forward
-    from heft.tokens import Encoded, train_batch
+    from heft.config.schema import LoraConfig, PositionsConfig, ReftConfig
+    from heft.reuse.layer_prefix import FrozenLayers, lowest_layer
+    from heft.methods.lora import attach, trainable
+    from heft.train.loop import answer_loss
+    from heft.methods.model import decoder_layers, fp32_output_head, hidden_size
+    from heft.methods.reft import ReftModel
+    from heft.train.runtime import Runtime, model_forward
+    from heft.data.tokens import Encoded, train_batch
 
     model = build_model(spec)
     if spec["dtype"] == "bf16":
@@ -172,7 +172,7 @@ def main() -> None:
               + ", ".join(f"{x:.2f}x" for x in s["first_epoch_full_over_layers"]) + f"; largest loss difference "
               f"{s['loss_max_abs_diff']:.1e}; {s['cache_gb']:.2f} GB kept)")
     print("expected from the arithmetic: 1.33-1.5x (epochs from the second on)")
-    from heft.io import write_json
+    from heft.run.atomic import write_json
 
     write_json(Path(args.out), result)
     print(f"wrote {args.out}")

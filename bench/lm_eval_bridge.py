@@ -83,10 +83,10 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     import heft.lm_eval_bridge  # noqa: F401  registers --model heft
-    from heft.config import DataConfig, TaskConfig
-    from heft.data import load_splits
-    from heft.io import read_jsonl, write_json
-    from heft.model import resolve_model_path
+    from heft.config.schema import DataConfig, TaskConfig
+    from heft.data.rows import load_splits
+    from heft.run.atomic import read_jsonl, write_json
+    from heft.methods.model import resolve_model_path
 
     torch.set_num_threads(args.threads)
     model_path = resolve_model_path(args.model)

@@ -27,8 +27,8 @@ import torch
 
 
 def heft_run(rows: int, tmp: Path) -> dict:
-    from heft.config import from_dict
-    from heft.pipeline import train_run
+    from heft.config.load import from_dict
+    from heft.run.pipeline import train_run
 
     cfg = from_dict({"data": {"train_size": rows, "eval_size": 8}, "lora": {"target_modules": "all-linear"},
                      "stages": [{"method": "lora", "epochs": 1, "lr": 3e-4, "warmup_steps": 10, "batch_size": 8}],
@@ -44,11 +44,11 @@ def trainer_run(rows: int, tmp: Path) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from heft.config import DataConfig
-    from heft.data import load_splits
-    from heft.tokens import Encoder
-    from heft.model import resolve_model_path
-    from heft.runtime import use_bf16
+    from heft.config.schema import DataConfig
+    from heft.data.rows import load_splits
+    from heft.data.tokens import Encoder
+    from heft.methods.model import resolve_model_path
+    from heft.train.runtime import use_bf16
 
     path = resolve_model_path("smollm2-135m")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

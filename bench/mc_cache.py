@@ -19,7 +19,7 @@ threads each, batch size `--batch-size`, only the scoring timed (models loaded o
   (its own batching and its logits cache for one-token continuations).
 - `lm-eval-default`: the same at lm-eval's default batch size (1; `--tools` to include it): lm-eval as it runs
   when a user gives no `--batch_size`.
-- `heft-full`, `heft-cached`, `heft-packed`: `heft.choices.score_choices(..., route=...)`; packed is heft's default
+- `heft-full`, `heft-cached`, `heft-packed`: `heft.evaluation.choices.score_choices(..., route=...)`; packed is heft's default
   where the model takes a custom attention mask (transformers' sdpa or eager attention). heft-full is the reference
   every other route's predictions are checked against: it runs every round when `--tools` lists it, else in the
   first round only (its seconds then come from that round alone).
@@ -121,9 +121,9 @@ class LmEval:
 def split_rows(name: str, n: int) -> list:
     """The first n rows of the split lm-eval scores: the evaluation file where the task has one, else the pool
     (for hellaswag the whole validation split, in its original order)."""
-    from heft.assets import tasks_dir
-    from heft.data import read_rows
-    from heft.tasks import spec
+    from heft.data.assets import tasks_dir
+    from heft.data.rows import read_rows
+    from heft.data.tasks import spec
 
     part = "eval.jsonl" if spec(name).eval is not None else "pool.jsonl"
     return read_rows(tasks_dir() / name / part, fmt="rendered", task=name)[:n]
@@ -173,11 +173,11 @@ def main() -> None:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from heft.choices import score_choices
-    from heft.io import write_json
-    from heft.model import resolve_model_path
-    from heft.runtime import Runtime
-    from heft.tokens import Encoder
+    from heft.evaluation.choices import score_choices
+    from heft.run.atomic import write_json
+    from heft.methods.model import resolve_model_path
+    from heft.train.runtime import Runtime
+    from heft.data.tokens import Encoder
 
     torch.set_num_threads(args.threads)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

@@ -174,11 +174,11 @@ def main() -> None:
     import yaml
     from transformers import AutoTokenizer
 
-    from heft.config import DataConfig, TaskConfig
-    from heft.data import load_splits
-    from heft.tokens import Encoder
-    from heft.io import read_jsonl, write_json
-    from heft.model import resolve_model_path
+    from heft.config.schema import DataConfig, TaskConfig
+    from heft.data.rows import load_splits
+    from heft.data.tokens import Encoder
+    from heft.run.atomic import read_jsonl, write_json
+    from heft.methods.model import resolve_model_path
 
     model_path = resolve_model_path(args.model)
     rows = load_splits(DataConfig(source="builtin", tasks=(TaskConfig("arc_easy", eval_size=args.rows),)),

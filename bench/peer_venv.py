@@ -20,7 +20,7 @@ READY = ".heft-bench-ready"
 
 
 def venv_root() -> Path:
-    from heft.assets import cache_root
+    from heft.data.assets import cache_root
 
     return cache_root() / "bench-venvs"
 

@@ -1,11 +1,11 @@
-"""Benchmark: ReFT training epochs with the frozen prefix reused (heft.prefix) vs today's full path and pyreft 0.1.0.
+"""Benchmark: ReFT training epochs with the frozen prefix reused (heft.reuse.token_prefix) vs today's full path and pyreft 0.1.0.
 
 Issue #15, item 1. ReFT on the last prompt positions only (`positions.first: 0`): the tokens before the first
 edited one cannot change in training, so heft runs them once without gradients and keeps their keys/values; from
 the second epoch on only the edited tokens and the answer run forward and backward. Sides, each in its own process,
 on the same model, rows and batch order (one shuffled order per epoch, the same for every side):
 
-- `prefix`:  heft's ReftModel with `heft.prefix.FrozenPrefix` (frozen_prefix: cache), AdamW step as heft.loop
+- `prefix`:  heft's ReftModel with `heft.reuse.token_prefix.FrozenPrefix` (frozen_prefix: cache), AdamW step as heft.train.loop
 - `full`:    heft's ReftModel, every token forward and backward (frozen_prefix: off), the same step otherwise
 - `pyreft`:  pyreft 0.1.0 in its own environment (transformers 4.45.1), the loop of bench/reft_vs_pyreft.py
 
@@ -47,13 +47,13 @@ SIDES = ("prefix", "full", "pyreft")
 
 def prefix_step(spec: dict):
     """heft's training step with the frozen prefix kept across epochs (a function of the batch rows)."""
-    from heft.config import PositionsConfig, ReftConfig
-    from heft.loop import answer_loss
-    from heft.model import decoder_layers, fp32_output_head, hidden_size
-    from heft.prefix import FrozenPrefix, why_not
-    from heft.reft import ReftModel
-    from heft.runtime import Runtime
-    from heft.tokens import Encoded
+    from heft.config.schema import PositionsConfig, ReftConfig
+    from heft.train.loop import answer_loss
+    from heft.methods.model import decoder_layers, fp32_output_head, hidden_size
+    from heft.reuse.token_prefix import FrozenPrefix, why_not
+    from heft.methods.reft import ReftModel
+    from heft.train.runtime import Runtime
+    from heft.data.tokens import Encoded
 
     model = build_model(spec)
     if spec["dtype"] == "bf16":
@@ -96,10 +96,10 @@ def run_side(side: str, spec: dict) -> dict:
 
 
 def make_spec(args: argparse.Namespace, path: Path) -> dict:
-    from heft.config import DataConfig
-    from heft.data import load_splits
-    from heft.model import resolve_model_path
-    from heft.tokens import Encoder
+    from heft.config.schema import DataConfig
+    from heft.data.rows import load_splits
+    from heft.methods.model import resolve_model_path
+    from heft.data.tokens import Encoder
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
@@ -201,7 +201,7 @@ def main() -> None:
     if result["cache_gb"] is not None:
         print(f"prefix cache held: {result['cache_gb']:.2f} GB")
     print("goals: full / prefix >= 3x, pyreft / prefix >= 4x (epochs from the second on)")
-    from heft.io import write_json
+    from heft.run.atomic import write_json
 
     write_json(Path(args.out), result)
     print(f"wrote {args.out}")

@@ -28,13 +28,13 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/reft_overhead.json")
     args = ap.parse_args()
 
-    from heft.config import DataConfig, ModelConfig, PositionsConfig, ReftConfig, RunConfig
-    from heft.data import load_splits
-    from heft.tokens import Encoder
-    from heft.evaluate import score
-    from heft.model import decoder_layers, hidden_size, load_model
-    from heft.runtime import make_runtime
-    from heft.reft import ReftModel
+    from heft.config.schema import DataConfig, ModelConfig, PositionsConfig, ReftConfig, RunConfig
+    from heft.data.rows import load_splits
+    from heft.data.tokens import Encoder
+    from heft.evaluation.yesno import score
+    from heft.methods.model import decoder_layers, hidden_size, load_model
+    from heft.train.runtime import make_runtime
+    from heft.methods.reft import ReftModel
 
     cfg = RunConfig(model=ModelConfig(name_or_path=args.model), precision="auto")
     acc = make_runtime(cfg.precision)
@@ -73,7 +73,7 @@ def main() -> None:
     for k in ("plain", "reft"):
         print(f"{k:<14}{med[k]:>10.2f}{tokens / med[k]:>10.0f}")
     print(f"ratio reft/plain: {result['ratio_reft_over_plain']:.3f} (goal <= 1.05)")
-    from heft.io import write_json
+    from heft.run.atomic import write_json
 
     write_json(Path(args.out), result)
     print(f"wrote {args.out}")

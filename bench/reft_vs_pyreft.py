@@ -3,7 +3,7 @@
 Three sides, each in its own process, on the same model, data and settings:
 
 - `heft`: heft's `ReftModel` (LoReFT, hooks + one gather/scatter per layer), left-padded batch
-  from `heft.tokens.train_batch`, logits only at the positions the loss needs (`logits_to_keep`),
+  from `heft.data.tokens.train_batch`, logits only at the positions the loss needs (`logits_to_keep`),
   `heft.train.answer_loss`; then gradient clipping and an AdamW step, as in `heft.train`.
 - `pyreft`: pyreft 0.1.0 (`pyreft.get_reft_model` + `LoreftIntervention` on `block_output`, one
   intervention per layer and position group, as pyreft's own LoReFT recipe builds it), run in its
@@ -119,7 +119,7 @@ def time_steps(step, spec: dict) -> dict:
 
 def heft_batch(rows: list[dict], spec: dict) -> tuple[dict, int]:
     """heft's left-padded training batch (on the device) and how many positions need logits."""
-    from heft.tokens import Encoded, train_batch
+    from heft.data.tokens import Encoded, train_batch
 
     items = [Encoded(r["prompt"], (r["answer"], r["answer"]), 1, False) for r in rows]
     batch = train_batch(items, spec["pad_id"])
@@ -129,11 +129,11 @@ def heft_batch(rows: list[dict], spec: dict) -> tuple[dict, int]:
 
 def heft_step(spec: dict):
     """heft's training step (a function of the batch rows) and its trainable parameter count."""
-    from heft.config import PositionsConfig, ReftConfig
-    from heft.model import decoder_layers, fp32_output_head, hidden_size
-    from heft.reft import ReftModel
-    from heft.runtime import model_forward
-    from heft.loop import answer_loss
+    from heft.config.schema import PositionsConfig, ReftConfig
+    from heft.methods.model import decoder_layers, fp32_output_head, hidden_size
+    from heft.methods.reft import ReftModel
+    from heft.train.runtime import model_forward
+    from heft.train.loop import answer_loss
 
     model = build_model(spec)
     if spec["dtype"] == "bf16":
@@ -143,7 +143,7 @@ def heft_step(spec: dict):
                      positions=PositionsConfig(spec["first"], spec["last"]), init="identity")
     reft = ReftModel(model, cfg, decoder_layers(model), hidden_size(model)).to(spec["device"])
     params = [p for p in reft.interventions.parameters()]
-    opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0, foreach=True)  # as heft.loop
+    opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0, foreach=True)  # as heft.train.loop
     reft.train()
 
     def step(rows: list[dict]) -> torch.Tensor:
@@ -165,8 +165,8 @@ def run_heft(spec: dict) -> dict:
 
 
 def floor_step(spec: dict):
-    from heft.model import decoder_layers, fp32_output_head
-    from heft.loop import answer_loss
+    from heft.methods.model import decoder_layers, fp32_output_head
+    from heft.train.loop import answer_loss
 
     model = build_model(spec)
     if spec["dtype"] == "bf16":
@@ -283,10 +283,10 @@ def run_pyreft(spec: dict) -> dict:
 
 def make_spec(args: argparse.Namespace, path: Path) -> dict:
     """Tokenize BoolQ training rows once (heft's passage prompt) and write the spec every side reads."""
-    from heft.config import DataConfig
-    from heft.data import load_splits
-    from heft.tokens import Encoder
-    from heft.model import resolve_model_path
+    from heft.config.schema import DataConfig
+    from heft.data.rows import load_splits
+    from heft.data.tokens import Encoder
+    from heft.methods.model import resolve_model_path
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
@@ -393,7 +393,7 @@ def main() -> None:
           f"{sp['q3']:.3f}, min {sp['min']:.3f}, max {sp['max']:.3f}, {sp['rounds']} rounds; goal <= "
           f"{result['goal_heft_over_floor_at_most']:.2f}); from the separate processes' medians: "
           f"{result['heft_over_floor_separate_processes']:.3f}")
-    from heft.io import write_json
+    from heft.run.atomic import write_json
 
     write_json(Path(args.out), result)
     print(f"wrote {args.out}")

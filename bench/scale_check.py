@@ -42,7 +42,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 def export_assets(dest: Path) -> None:
     """What a machine without network needs (about 12 MB): the SmolLM2 tokenizer and config, BoolQ's two splits."""
-    from heft.assets import boolq_dir, smollm2_model_dir
+    from heft.data.assets import boolq_dir, smollm2_model_dir
 
     dest.mkdir(parents=True, exist_ok=True)
     for name in (*TOKENIZER_FILES, "config.json"):
@@ -166,7 +166,7 @@ def main() -> None:
     print("* computed: bf16 frozen weights + fp32 output-head copy + 16 bytes per trainable parameter; activations excluded")
     out = Path(args.out or ROOT / f"bench/results/scale_check_{args.device}_{args.shape}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    from heft.io import write_json
+    from heft.run.atomic import write_json
 
     write_json(out, {"benchmark": "scale_check", "shape": args.shape, "params": counts, "device": args.device,
                      "hardware": hardware, "batch": args.batch, "max_length": args.max_length, "rows": args.rows,

@@ -1,5 +1,6 @@
 """Check that a code change leaves heft's outputs unchanged: run `heft run` and `heft compare` on a tiny
-random Llama (built here, deterministic) with one version of heft, again with another, and compare.
+random Llama (built here, deterministic) with one version of heft, again with another, and compare. It also
+trains one run through the token prefix and one through the layer prefix (`heft train`).
 
     python scripts/same_outputs.py make DIR            # tiny model + data in DIR/assets (once), outputs in DIR/out
     PYTHONPATH=OLD/src python scripts/same_outputs.py make OLD_DIR --assets DIR/assets
@@ -49,6 +50,14 @@ def make_assets(folder: Path) -> None:
     strategies = {"base": [], "lora": [{**lora, "epochs": 2}], "reft": [{**reft, "epochs": 2}],
                   "heft": [{**lora, "epochs": 1}, {**reft, "epochs": 1}], "joint": [{"method": "joint", "epochs": 1, "batch_size": 8}]}
     (folder / "suite.yaml").write_text(yaml.safe_dump({"common": common, "strategies": strategies}, sort_keys=False))
+    # One run through each speed path: the token prefix (ReFT on the last positions only, frozen first
+    # tokens kept) and the layer prefix (LoRA and ReFT on the upper two of four layers).
+    token = {**common, "reft": {**common.get("reft", {}), "positions": {"first": 0, "last": 3}}, "frozen_prefix": "cache",
+             "stages": [{**reft, "epochs": 2}]}
+    layers = {**common, "lora": {**common.get("lora", {}), "layers": [2, 3]}, "reft": {**common.get("reft", {}), "layers": [2, 3]},
+              "stages": [{**lora, "epochs": 1}, {**reft, "epochs": 1}]}
+    (folder / "token-prefix.yaml").write_text(yaml.safe_dump(token, sort_keys=False))
+    (folder / "layer-prefix.yaml").write_text(yaml.safe_dump(layers, sort_keys=False))
 
 
 def make(out: Path, assets: Path) -> None:
@@ -58,6 +67,8 @@ def make(out: Path, assets: Path) -> None:
     heft = [sys.executable, "-m", "heft"]
     subprocess.run(heft + ["run", "--config", suite, "--out", str(out / "run")], check=True)
     subprocess.run(heft + ["compare", "--config", suite, "--seeds", "0", "1", "--out", str(out / "compare")], check=True)
+    for name in ("token-prefix", "layer-prefix"):
+        subprocess.run(heft + ["train", "--config", str(assets / f"{name}.yaml"), "--out", str(out / name)], check=True)
 
 
 def _numbers(a, b, where: str, diffs: list[str]) -> None:

@@ -108,3 +108,23 @@ def tiny_config(model_dir: Path, files: tuple[Path, Path], stages: list[dict], *
     for k, v in sections.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
     return raw
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread (a module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`): the tiny model's ops are too small to share, and with more threads than free
+    cores each op can stall for a second waiting for its threads (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    """(fresh frozen fp32 model in eval mode, tokenizer) from the fixture folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -363,7 +363,7 @@ def test_run_folders_hold_strict_json(suite):
 
 
 def test_run_again_reuses_finished_runs(suite, monkeypatch, capsys):
-    import heft.study
+    import heft.study.compare
 
     path, out, _ = suite
     before = (out / "summary.json").read_text()
@@ -373,7 +373,7 @@ def test_run_again_reuses_finished_runs(suite, monkeypatch, capsys):
     def no_training(*args, **kwargs):
         raise AssertionError("heft run retrained a finished strategy")
 
-    monkeypatch.setattr(heft.study, "train_run", no_training)
+    monkeypatch.setattr(heft.study.compare, "train_run", no_training)
     assert main(["run", "--config", str(path), "--out", str(out)]) == 0
     assert (out / "summary.json").read_text() == before
     assert adapter.stat().st_mtime_ns == mtime
@@ -407,8 +407,8 @@ def test_run_shares_only_when_exact_with_grad_accum(tiny_model_dir, boolq_files,
 
 def test_stage_cache_keys_follow_what_a_prefix_computes():
     """A prefix key changes with anything its training depends on, and not with what it does not."""
-    from heft.config import from_dict, to_dict
-    from heft.stagecache import StageCache, prefix_key, produces, starts
+    from heft.config.load import from_dict, to_dict
+    from heft.reuse.stage_cache import StageCache, prefix_key, produces, starts
 
     data = {"source": "local", "train_path": "t.jsonl", "eval_path": "v.jsonl"}
     lora = {"method": "lora", "scheduler": "constant"}

@@ -34,8 +34,8 @@ from hypothesis import HealthCheck, event, given, reject, settings
 from hypothesis import strategies as st
 
 from heft.cli import main
-from heft.config import (DataConfig, TaskConfig, EvalConfig, LoraConfig, ModelConfig, PositionsConfig, ReftConfig, RunConfig,
-                         StageConfig, read_yaml)
+from heft.config.schema import (DataConfig, TaskConfig, EvalConfig, LoraConfig, ModelConfig, PositionsConfig, ReftConfig, RunConfig, StageConfig)
+from heft.config.load import read_yaml
 
 _FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=False,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,

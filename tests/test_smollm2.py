@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from heft import assets
+from heft.data import assets
 from heft.cli import main
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ def __getattr__(name: str):
     """`heft.load`, `heft.score`, `heft.generate`, `heft.train` (heft.api), imported on first use so that
     `import heft` and the command line's config checks stay free of torch."""
     if name in ("load", "score", "generate", "train", "HeftModel"):
-        from . import api
+        from heft import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'heft' has no attribute {name!r}")

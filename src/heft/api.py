@@ -61,8 +61,8 @@ class HeftModel(nn.Module):
 
 def load(run: str | Path, *, allow_other_base: bool = False) -> tuple[HeftModel, Any]:
     """(model, tokenizer) of a finished run folder, ready for `forward`/`generate`, in eval mode."""
-    from .hub import resolve
-    from .pipeline import load_run
+    from heft.hub import resolve
+    from heft.run.pipeline import load_run
 
     s, _ = load_run(resolve(run), allow_other_base=allow_other_base)
     model = HeftModel(s)
@@ -71,7 +71,7 @@ def load(run: str | Path, *, allow_other_base: bool = False) -> tuple[HeftModel,
 
 
 def _encoded(model: HeftModel, prompt: str, choices: list[str] | None) -> Any:
-    from .data import Example
+    from heft.data.rows import Example
 
     if choices is not None:
         ex = Example("", "", 0, 0, source="heft.score", task="api", context=prompt, choices=tuple(choices))
@@ -84,7 +84,7 @@ def score(model: HeftModel, tokenizer: Any, prompts: list[str], choices: list[li
           batch_size: int = 16) -> list[dict[str, Any]]:
     """Per prompt: the summed log-likelihood of each choice after it (` ` + choice, as lm-evaluation-harness),
     `pred` (the most likely) and `pred_norm` (per character: lm-eval's acc_norm)."""
-    from .choices import score_choices
+    from heft.evaluation.choices import score_choices
 
     if len(prompts) != len(choices):
         raise ValueError(f"score: {len(prompts)} prompts but {len(choices)} lists of choices; give one list per prompt")
@@ -97,7 +97,7 @@ def score(model: HeftModel, tokenizer: Any, prompts: list[str], choices: list[li
 def generate(model: HeftModel, tokenizer: Any, prompts: list[str], *, max_new_tokens: int = 64,
              batch_size: int = 16) -> list[str]:
     """Greedy continuations of `prompts` (ReFT edits on each row's own prompt positions)."""
-    from .evaluate import generate_texts
+    from heft.evaluation.generate import generate_texts
 
     rows = [_encoded(model, p, None) for p in prompts]
     return generate_texts(model.top, rows, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
@@ -106,8 +106,9 @@ def generate(model: HeftModel, tokenizer: Any, prompts: list[str], *, max_new_to
 
 def train(config: str | Path | dict | Any, out: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
     """Train a run (a config file, a plain dict, or a RunConfig) into `out`; returns the run folder."""
-    from .config import RunConfig, from_dict, load as load_config
-    from .pipeline import train_run
+    from heft.config.schema import RunConfig
+    from heft.config.load import from_dict, load as load_config
+    from heft.run.pipeline import train_run
 
     cfg = config if isinstance(config, RunConfig) else from_dict(config) if isinstance(config, dict) else load_config(config)
     train_run(cfg, Path(out), overwrite=overwrite, resume=resume)

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, HeftError
+from heft.errors import ConfigError, HeftError
 
 logger = logging.getLogger("heft")
 
@@ -42,15 +42,15 @@ def _split_overrides(rest: list[str]) -> list[tuple[str, str]]:
 
 
 def _reports() -> bool:
-    """Under torchrun / accelerate launch only the main process prints results (the one check: heft.runtime)."""
-    from .runtime import is_main_process
+    """Under torchrun / accelerate launch only the main process prints results (the one check: heft.train.runtime)."""
+    from heft.train.runtime import is_main_process
 
     return is_main_process()
 
 
 def _suite(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> Path:
     """The suite file, checked (every strategy's config) before torch is imported."""
-    from .suite import read_suite, select, suite_path
+    from heft.config.suite import read_suite, select, suite_path
 
     path = suite_path(args.config, args.suite)
     select(read_suite(path, overrides), args.only)
@@ -59,8 +59,8 @@ def _suite(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> Path:
 
 def cmd_run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     path = _suite(args, overrides)
-    from .report import console_table
-    from .study import run_study
+    from heft.study.report import console_table
+    from heft.study.compare import run_study
 
     report = run_study(path, Path(args.out), overrides, seeds=None, only=args.only, overwrite=args.overwrite)
     if _reports():
@@ -71,8 +71,8 @@ def cmd_run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
 
 def cmd_compare(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     path = _suite(args, overrides)
-    from .report import console_table
-    from .study import run_study
+    from heft.study.report import console_table
+    from heft.study.compare import run_study
 
     report = run_study(path, Path(args.out), overrides, seeds=args.seeds, only=args.only, overwrite=args.overwrite,
                        tensorboard=args.tensorboard, targets=args.target, final_only=args.final_only)
@@ -83,7 +83,7 @@ def cmd_compare(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> i
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
-    from .config import load
+    from heft.config.load import load
 
     out = Path(args.out)
     if args.resume and args.overwrite:
@@ -96,7 +96,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
         raise ConfigError("--config: give a run config YAML with the training stages (see `heft train --help` for "
                           "every field); `stages: []` evaluates the base model")
     cfg = load(args.config, overrides)  # before torch is imported: a bad config is reported at once
-    from .pipeline import train_run
+    from heft.run.pipeline import train_run
 
     m = train_run(cfg, out, overwrite=args.overwrite, resume=bool(args.resume))
     if _reports():
@@ -109,9 +109,9 @@ def cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int
 def cmd_eval(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     if overrides:
         raise ConfigError("heft eval takes no overrides: it re-evaluates the run exactly as it was configured")
-    from .pipeline import eval_run
+    from heft.run.pipeline import eval_run
 
-    from .hub import resolve
+    from heft.hub import resolve
 
     r = eval_run(resolve(args.run), allow_other_base=args.allow_other_base)
     code = 0 if r.get("matches_saved_predictions", True) else 1
@@ -130,12 +130,12 @@ def cmd_eval(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
 def cmd_predict(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     if overrides:
         raise ConfigError("heft predict takes no overrides: it answers with the run exactly as it was configured")
-    from .data import Example, parse_general, parse_row
-    from .pipeline import load_run
+    from heft.data.rows import Example, parse_general, parse_row
+    from heft.run.pipeline import load_run
 
     if args.choices is not None and len(args.choices) < 2:
         raise ConfigError("--choices: give at least 2 answer texts")
-    from .hub import resolve
+    from heft.hub import resolve
 
     s, cfg = load_run(resolve(args.run), allow_other_base=args.allow_other_base)
     if args.choices or args.generate:  # a general prompt: scored choices, or greedy text
@@ -166,7 +166,7 @@ def cmd_predict(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> i
 
 
 def cmd_push(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
-    from .hub import push
+    from heft.hub import push
 
     repo = push(Path(args.run), args.repo, private=args.private)
     if _reports():
@@ -175,7 +175,7 @@ def cmd_push(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
 
 
 def cmd_pull(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
-    from .hub import pull
+    from heft.hub import pull
 
     path = pull(args.repo, Path(args.out))
     if _reports():
@@ -193,8 +193,8 @@ def cmd_lm_eval(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> i
         import lm_eval  # noqa: F401
     except ImportError:
         raise ConfigError("heft lm-eval needs lm-evaluation-harness, an optional extra: pip install 'heft[lm-eval]'") from None
-    from .hub import resolve
-    from .lm_eval_bridge import HeftLM, evaluate, task_manager
+    from heft.hub import resolve
+    from heft.evaluation.harness import HeftLM, evaluate, task_manager
 
     manager = task_manager(tasks, args.include_path)  # a wrong task name is reported before the model is loaded
     lm = HeftLM(run=resolve(args.run), batch_size=args.batch_size, max_length=args.max_length,
@@ -216,7 +216,7 @@ def cmd_lm_eval(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> i
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    from .confighelp import suite_epilog, train_epilog
+    from heft.config.help_text import suite_epilog, train_epilog
 
     helping = any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv))  # the epilogs list ~60 fields: built only when shown
     suite_help, train_help = (suite_epilog(), train_epilog()) if helping else (None, None)

@@ -1,7 +1,7 @@
 """Sharing run folders on the Hugging Face Hub: `heft push DIR USER/REPO`, `heft pull USER/REPO DIR`, and
 `hf://USER/REPO` wherever a run folder is read (eval, predict, `heft.load`).
 
-What is uploaded is what reloads and reproduces the run (heft.runfolder): config.yaml, meta.json,
+What is uploaded is what reloads and reproduces the run (heft.run.folder): config.yaml, meta.json,
 metrics.json, predictions.jsonl, epochs.jsonl and each stage's adapter files, stage.json and
 train_log.jsonl, plus a generated model card (README.md with a `model-index` of the metrics). Never
 checkpoints, TensorBoard events, locks or temporary files. An unfinished run is refused. The token is
@@ -15,9 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import CheckpointError, ConfigError
-from .runfolder import RunFolder
+from heft import __version__
+from heft.errors import CheckpointError, ConfigError
+from heft.run.folder import RunFolder
 
 PREFIX = "hf://"
 _SKIP_DIRS = {"checkpoints", "tensorboard"}
@@ -134,7 +134,7 @@ def resolve(run: str | Path) -> Path:
     text = str(run)
     if not text.startswith(PREFIX):
         return Path(run)
-    from .assets import cache_root
+    from heft.data.assets import cache_root
 
     repo_id = text[len(PREFIX):]
     _check_repo(repo_id)

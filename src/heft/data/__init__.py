@@ -1,0 +1,1 @@
+"""Data: reading rows (BoolQ, local files, built-in tasks), the offline assets, prompts and token batches."""

@@ -1,0 +1,445 @@
+"""One run: a list of stages, each training LoRA, ReFT, or both (`joint`) on top of what the earlier
+stages left (their LoRA merged or frozen, their ReFT frozen), then the final evaluation.
+
+`train_run` reads top to bottom like a recipe:
+
+    check     the --out folder (locked), every data row, the model, the ReFT setup: before any write
+    set up    the folder: config.yaml, meta.json (with the base model's fingerprint)
+    stages    each one: already finished (resume) | taken from finished stages (`start`) | trained
+    evaluate  predictions.jsonl, metrics.json (which marks the run finished)
+
+The run folder's layout belongs to heft.run.folder; the records written to it to heft.run.records.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from heft import __version__
+from heft.train import cost
+from heft.methods import lora
+from heft.train import sharding
+from heft.config.schema import RunConfig, StageConfig
+from heft.data.rows import Example, load_splits
+from heft.errors import CheckpointError, ConfigError
+from heft.evaluation.evaluate import accuracy, baselines, evaluate_tasks
+from heft.evaluation.generate import generate
+from heft.evaluation.yesno import score
+from heft.train.loop import StepLog, peak_memory, train_stage
+from heft.methods.model import decoder_layers, fingerprint, fingerprint_differences, hidden_size, load_model, unwrap
+from heft.run.records import Metrics, StageProgress, StageRecord
+from heft.methods.reft import ReftModel, check_fits, no_decay_names
+from heft.run.folder import Output, RunFolder
+from heft.train.runtime import Runtime, is_main_process, make_runtime
+from heft.reuse.stage_cache import Start, StageCache, copy_stage_files
+from heft.data.tokens import Encoded, Encoder, encode_all
+from heft.train.cost import RunTracker
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- the model and its adapters
+
+
+class Session:
+    """The base model with the adapters of finished stages applied, on this process's Runtime."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.rt: Runtime = make_runtime(cfg.precision)
+        if cfg.model.compile and self.rt.distributed == "FSDP":
+            raise ConfigError("model.compile: true is not supported with FSDP (sharded layers swap their parameters); "
+                              "set model.compile: false, or launch with configs/accelerate/ddp.yaml")
+        torch.manual_seed(cfg.seed)
+        self.model, self.tokenizer = load_model(cfg.model, self.rt.device)
+        self.model_path = getattr(self.model, "name_or_path", cfg.model.name_or_path)
+        self.reft: ReftModel | None = None
+        self.num_layers = _depth(self.model, cfg.model.layers_path)
+        # the decoder layers ReFT edits, checked against the model once (a setup that cannot fit stops here)
+        self.reft_layers = (check_fits(cfg.reft, len(decoder_layers(self.model, cfg.model.layers_path)), hidden_size(self.model))
+                            if any(st.trains_reft for st in cfg.stages) else None)
+        self._encoders: dict[int, Encoder] = {}
+
+    def replace_model(self, model: nn.Module) -> None:
+        """Swap the (maybe PEFT-wrapped or merged) model, keeping a ReFT wrapper pointed at it."""
+        self.model = model
+        if self.reft is not None:
+            self.reft.model = model
+
+    @property
+    def top(self) -> nn.Module:
+        """What forward passes go through: the ReFT wrapper if any, else the (maybe PEFT) model."""
+        return self.reft if self.reft is not None else self.model
+
+    def add_reft(self) -> ReftModel:
+        if self.reft is not None:
+            raise ConfigError("stages: only one stage may train ReFT interventions")
+        torch.manual_seed(self.cfg.seed + 1)  # interventions' init does not depend on earlier stages
+        layers = decoder_layers(self.model, self.cfg.model.layers_path)
+        self.reft = ReftModel(self.model, self.cfg.reft, layers, hidden_size(self.model)).to(self.rt.device)
+        return self.reft
+
+    def apply_stage(self, stage: StageConfig, files: Path) -> None:
+        """Put a finished stage's saved adapters (a run's stage folder, or a cached one) on the model, frozen,
+        as training left them (LoRA merged if lora.merge)."""
+        if stage.trains_lora:
+            self.replace_model(lora.load(self.model, files / "adapter", merge=self.cfg.lora.merge))
+        if stage.trains_reft:
+            self.add_reft().load_weights(files)
+        self.top.requires_grad_(False)
+
+    def encoder(self, max_length: int | None = None) -> Encoder:
+        length = max_length or self.cfg.data.max_length
+        if length not in self._encoders:
+            self._encoders[length] = Encoder(self.tokenizer, self.cfg.data.prompt_format, length,
+                                             self.cfg.reft.positions.first_from)
+        return self._encoders[length]
+
+    def encode_eval(self, rows: list[Example]) -> list[Encoded]:
+        """The evaluation rows' ids (each row checked to fit data.max_length): encoded once per run."""
+        return encode_all(self.encoder(), rows, self.cfg.data.eval_split)
+
+    def evaluate(self, rows: list[Example], encoded: list[Encoded] | None = None) -> list[dict[str, Any]]:
+        """One prediction per row, in order (`encoded`: the rows' `encode_eval`, if done already). BoolQ:
+        {label, pred, p_yes, lp_no, lp_yes | text, idx, truncated}; other tasks: see heft.evaluation.evaluate.evaluate_tasks."""
+        encoded = self.encode_eval(rows) if encoded is None else encoded
+        e = self.cfg.eval
+        if any(r.kind != "yesno" for r in rows):
+            return evaluate_tasks(self.top, self.tokenizer, rows, encoded, e, self.rt)
+        if e.method == "generate":
+            words = ("no", "yes") if self.cfg.data.prompt_format == "passage" else ("false", "true")
+            preds = generate(self.top, encoded, self.tokenizer, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens or 4,
+                             answer_words=words, rt=self.rt)
+        else:
+            preds = score(self.top, encoded, batch_size=e.batch_size, pad_id=self.tokenizer.pad_token_id, rt=self.rt)
+        for p, r, x in zip(preds, rows, encoded):
+            p["idx"] = r.idx
+            p["truncated"] = x.truncated
+        return preds
+
+
+def _depth(model: nn.Module, layers_path: str | None) -> int:
+    try:
+        return len(decoder_layers(model, layers_path))
+    except ConfigError:  # an architecture heft cannot map without model.layers_path: depth unchecked
+        return 0
+
+
+def model_shape(model: nn.Module) -> dict[str, int]:
+    """What adapters depend on: vocabulary, hidden size, depth."""
+    return {"vocab_size": int(unwrap(model).get_input_embeddings().weight.shape[0]), "hidden_size": hidden_size(model),
+            "num_layers": _depth(model, None)}
+
+
+def _meta(cfg: RunConfig, s: Session) -> dict[str, Any]:
+    import peft
+    import transformers
+
+    return {
+        "model_shape": model_shape(s.model), "num_processes": s.rt.num_processes, "distributed": s.rt.distributed,
+        "heft_version": __version__, "base_model": cfg.model.name_or_path, "base_model_resolved": s.model_path,
+        "base_model_fingerprint": fingerprint(s.model, s.tokenizer),
+        "non_embedding_params": cost.non_embedding_params(s.model),
+        "strategy": cfg.label(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "peft": peft.__version__, "device": str(s.rt.device), "mixed_precision": "bf16" if s.rt.bf16 else "no",
+        "python": platform.python_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _check_rows(s: Session, cfg: RunConfig, train: list[Example], evaluation: list[Example]
+                ) -> tuple[list[Encoded], dict[int, list[Encoded]]]:
+    """Every row fits its token budget (a row that cannot stops the run here, naming its file and line):
+    the encoded evaluation rows, and the encoded training rows for each max_length the stages use."""
+    lengths = {st.max_length or cfg.data.max_length for st in cfg.stages}
+    return s.encode_eval(evaluation), {n: encode_all(s.encoder(n), train, "train") for n in sorted(lengths)}
+
+
+def _stage_params(s: Session, stage: StageConfig) -> tuple[list[tuple[str, nn.Parameter]], set[str]]:
+    """Attach the stage's new adapters; (their trainable parameters, names exempt from weight decay)."""
+    named: list[tuple[str, nn.Parameter]] = []
+    if stage.trains_lora:
+        s.replace_model(lora.attach(s.model, s.cfg.lora, s.cfg.model.layers_path))
+        named += [(f"lora.{n}", p) for n, p in lora.trainable(s.model)]
+    if stage.trains_reft:
+        s.add_reft()
+        named += [(f"reft.{n}", p) for n, p in s.reft.interventions.named_parameters()]
+    no_decay = {f"reft.{n}" for n in no_decay_names(s.reft.interventions)} if stage.trains_reft else set()
+    no_decay |= {n for n, _ in named if n.endswith("bias")}
+    live = {id(p) for p in s.top.parameters() if p.requires_grad}  # invariant: exactly the adapters train
+    assert live == {id(p) for _, p in named}, f"trainable set differs from the adapter set ({len(live)} vs {len(named)} tensors)"
+    return named, no_decay
+
+
+def _stage_tensors(s: Session, stage: StageConfig) -> tuple[dict | None, dict | None]:
+    """The stage's adapter tensors, whole: on every process (a collective under FSDP), before the main one saves."""
+    return (lora.adapter_tensors(s.model) if stage.trains_lora else None, s.reft.tensors() if stage.trains_reft else None)
+
+
+def _save_stage_files(s: Session, folder: Path, tensors: tuple[dict | None, dict | None]) -> None:
+    lora_tensors, reft_tensors = tensors
+    if lora_tensors is not None:
+        lora.save(s.model, folder / "adapter", lora_tensors)
+    if reft_tensors is not None:
+        s.reft.save(folder, reft_tensors)
+
+
+# ----------------------------------------------------------------------------- the stages
+
+
+class _Stages:
+    """Runs a config's stages on a Session, writing each one's files into the run folder."""
+
+    def __init__(self, s: Session, cfg: RunConfig, run: RunFolder, tracker: RunTracker, evaluation: list[Example],
+                 eval_rows: list[Encoded], train_rows: dict[int, list[Encoded]], cache: StageCache | None,
+                 source: str | None):
+        self.s, self.cfg, self.run, self.tracker, self.evaluation = s, cfg, run, tracker, evaluation
+        self.eval_rows, self.train_rows, self.cache, self.source = eval_rows, train_rows, cache, source
+        self.records: list[StageRecord] = []
+
+    def evaluate_now(self, i: int, stage: StageConfig | None, stage_epoch: float, progress: StageProgress | None) -> dict:
+        """Evaluate the model as it is now (mid-stage: adapters not merged yet) and record the point."""
+        was_training = self.s.top.training
+        acc = accuracy(self.s.evaluate(self.evaluation, self.eval_rows))
+        self.s.top.train(was_training)
+        self.tracker.record(i, stage, stage_epoch, progress, acc)
+        logger.info("%s after stage %d epoch %g: accuracy %.2f%%", self.cfg.label(), i, stage_epoch, 100 * acc["accuracy"])
+        return acc
+
+    def from_start(self, i: int, stage: StageConfig, start: Start) -> StageRecord:
+        """Take stage i from finished stages of another run of the same prefix: files, log, evaluations, cost."""
+        cached = start.stages[i]
+        self.s.apply_stage(stage, cached.files)
+        record = StageRecord.from_json({**cached.record.to_json(), "reused_from": start.source, "peak_memory": None})
+        last = i == len(self.cfg.stages) - 1
+        if self.s.rt.main:
+            copy_stage_files(cached.files, self.run.stage_dir(i, stage))
+            self.run.write_train_log(i, stage, cached.train_log)
+            self.tracker.log_steps(cached.train_log)
+            if self.cfg.eval.every_epoch:  # same weights, same evaluation setup: the source's points are this run's
+                for rec in start.evals:
+                    if rec.stage == i and not (last and rec.stage_epoch >= record.epochs):  # the final one is ours
+                        self.tracker.copy(rec, start.source)
+            self.run.write_stage(i, stage, record)
+        logger.info("stage %d (%s): taken from %s", i, stage.method, start.source)
+        return record
+
+    def train(self, i: int, stage: StageConfig) -> StageRecord:
+        """Train stage i, save its adapters, leave them frozen (LoRA merged if lora.merge) on the session."""
+        s, cfg, run = self.s, self.cfg, self.run
+        named, no_decay = _stage_params(s, stage)
+        n_params = sum(p.numel() for _, p in named)
+
+        def epoch_end(epoch: int, progress: StageProgress) -> None:
+            if cfg.eval.every_epoch:
+                self.evaluate_now(i, stage, epoch, progress)
+            self.snapshot(i, stage, epoch, n_params, progress)
+
+        log = StepLog(run.train_log_path(i, stage), s.rt, f"{cfg.label()} stage {i} ({stage.method})", cfg.log_every,
+                      self.tracker.log_steps)
+        progress = train_stage(s.top, named, no_decay, self.train_rows[stage.max_length or cfg.data.max_length], stage,
+                               rt=s.rt, pad_id=s.tokenizer.pad_token_id, seed=cfg.seed + i, bucketing=cfg.length_bucketing,
+                               log=log, checkpoints=run.checkpoints_dir(i, stage), checkpoint_every=cfg.checkpoint_every,
+                               on_epoch_end=epoch_end, frozen_prefix=cfg.frozen_prefix,
+                               prefix_cache_gb=cfg.prefix_cache_gb, layers_path=cfg.model.layers_path)
+        record = self._record(i, stage, n_params, progress, peak_memory(s.rt.device),
+                              log.clipped / progress.optimizer_steps if progress.optimizer_steps else 0.0)
+        tensors = _stage_tensors(s, stage)
+        if s.rt.main:
+            _save_stage_files(s, run.stage_dir(i, stage), tensors)
+        if stage.trains_lora:
+            # A sharded model cannot be merged in place; the next stage starts from the saved adapter (train_run)
+            s.replace_model(lora.finish(s.model, cfg.lora.merge and not sharding.is_sharded(s.model)))
+        if s.rt.main:
+            run.write_stage(i, stage, record)  # the stage counts as finished from here on
+        s.rt.wait()
+        self.snapshot(i, stage, stage.epochs, n_params, progress, files=run.stage_dir(i, stage), record=record)
+        return record
+
+    def _record(self, i: int, stage: StageConfig, n_params: int, p: StageProgress, memory: dict | None = None,
+                clipped: float | None = None) -> StageRecord:
+        return StageRecord(index=i, method=stage.method, trainable_params=n_params, optimizer_steps=p.optimizer_steps,
+                           epochs=p.epochs, train_seconds=round(p.train_seconds, 2), tokens=p.tokens, final_loss=p.final_loss,
+                           flops=self.tracker.stage_flops(stage, p.tokens), peak_memory=memory,
+                           clipped_steps=None if clipped is None else round(clipped, 4))
+
+    def snapshot(self, i: int, stage: StageConfig, epoch: float, n_params: int, progress: StageProgress,
+                 files: Path | None = None, record: StageRecord | None = None) -> None:
+        """Store stages 0..i (stage i at `epoch`) in the study's stage cache if another strategy starts from them."""
+        if self.cache is None or not self.cache.wants(self.cfg, i + 1, epoch):
+            return
+        tensors = _stage_tensors(self.s, stage) if files is None else (None, None)  # every process: a collective
+        if not self.s.rt.main:
+            return
+        if record is None:
+            record = self._record(i, stage, n_params, progress)
+        whole = epoch == stage.epochs
+        source = f"{self.source} (epoch {epoch:g} snapshot)" if not whole and i == 0 else \
+            f"{self.source} (stages 0-{i}{'' if whole else f', epoch {epoch:g} snapshot'})"
+
+        def write_last(dest: Path) -> None:
+            if files is not None:
+                copy_stage_files(files, dest)
+            else:
+                _save_stage_files(self.s, dest, tensors)
+
+        stages = self.cfg.stages
+        self.cache.store(self.cfg, source, i + 1, epoch, [self.run.stage_dir(j, stages[j]) for j in range(i)], write_last,
+                         self.records + [record],
+                         [self.run.read_train_log(j, stages[j]) for j in range(i)] + [self.run.read_train_log(i, stage, progress.optimizer_steps)],
+                         [r for r in self.run.read_epochs() if r.stage < i or (r.stage == i and r.stage_epoch <= epoch)])
+
+
+def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: bool = False, start: Start | None = None,
+              cache: StageCache | None = None, name: str | None = None) -> Metrics:
+    """Train every stage of `cfg`, evaluate, and write the run folder `out`.
+
+    With `resume`, a run folder of the same config continues: finished stages are loaded, the
+    interrupted one continues from its latest checkpoint, a finished run is returned as it is.
+    `start`: finished stages to begin with instead of training them (a study's stage cache);
+    `cache`: where to store the stage prefixes other strategies of the study start from.
+    """
+    folder = RunFolder(out)
+    continuing = resume and folder.is_heft()
+    output = Output.open(out, overwrite=overwrite, continuing=continuing, folder=RunFolder,
+                         what="run folder", main=is_main_process())
+    try:
+        if continuing:
+            if folder.read_config() != cfg:
+                raise ConfigError(f"--resume: {out} holds a run with a different config; resume it with its own config "
+                                  f"({folder.config_path}), or use --overwrite or a new --out")
+            if folder.is_finished():
+                logger.info("%s: the run is already finished", out)
+                return folder.read_metrics()
+        # ---- check everything before the first write
+        splits = load_splits(cfg.data)
+        s = Session(cfg)
+        eval_rows, train_rows = _check_rows(s, cfg, splits.train, splits.eval)
+        run = RunFolder(output.work)
+        # ---- set up the folder
+        if s.rt.main and not continuing:
+            output.begin()
+            run.write_config(cfg)
+            run.write_meta(_meta(cfg, s))
+        s.rt.wait()
+        tracker = RunTracker(run, cfg, cost.non_embedding_params(s.model), s.num_layers, s.reft_layers, s.rt.main)
+        stages = _Stages(s, cfg, run, tracker, splits.eval, eval_rows, train_rows, cache, name or cfg.label())
+        # ---- the stages
+        every = cfg.eval.every_epoch
+        for i, stage in enumerate(cfg.stages):
+            last = i == len(cfg.stages) - 1
+            record = run.read_stage(i, stage) if continuing else None
+            if record is not None:
+                s.apply_stage(stage, run.stage_dir(i, stage))
+                logger.info("stage %d (%s): finished before the restart, loaded from %s", i, stage.method, run.stage_dir(i, stage))
+            elif start is not None and i < len(start.stages):
+                record = stages.from_start(i, stage, start)
+            else:
+                record = stages.train(i, stage)
+            s.top.requires_grad_(False)
+            if every and not last and not any(r.stage == i and r.stage_epoch >= record.epochs for r in run.read_epochs()):
+                stages.evaluate_now(i, stage, record.epochs, record.progress)
+            if sharding.is_sharded(s.top) and not last:
+                s = stages.s = None  # type: ignore[assignment]  # free the sharded model before loading a fresh one
+                gc.collect()
+                s = stages.s = _fresh_session(cfg, run, i + 1)
+            stages.records.append(record)
+            if not last:
+                tracker.finish_stage(record)
+        # ---- evaluate
+        preds = s.evaluate(splits.eval, eval_rows)
+        acc = accuracy(preds)
+        records = stages.records
+        if records:
+            if every:
+                tracker.record(len(records) - 1, cfg.stages[-1], records[-1].epochs, records[-1].progress, acc)
+            tracker.finish_stage(records[-1])
+        elif every:
+            tracker.record(0, None, 0.0, None, acc)  # the untrained model: the curves' epoch-0 point
+        tracker.close()
+        majority, baseline, per_task = baselines(cfg.data, splits.train, splits.eval, preds)
+        metrics = Metrics(
+            strategy=cfg.label(), accuracy=acc["accuracy"], ci95=acc["ci95"], n=acc["n"], correct=acc["correct"],
+            eval_split=cfg.data.eval_split, majority_label=majority, majority_baseline=baseline,
+            tasks=per_task, macro_accuracy=(sum(t["accuracy"] for t in per_task.values()) / len(per_task)) if per_task else None,
+            trainable_params=sum(r.trainable_params for r in records), train_seconds=round(tracker.seconds, 2),
+            epochs=round(tracker.epochs, 6), train_tokens=tracker.tokens, train_flops=tracker.flops_done,
+            train_rows=len(splits.train), stages=records)
+        if s.rt.main:
+            run.write_predictions(preds)
+            run.write_metrics(metrics)
+            run.tidy(cfg.keep_checkpoints)
+            output.finish()
+        s.rt.wait()
+        return metrics
+    finally:
+        output.close()
+
+
+def _fresh_session(cfg: RunConfig, run: RunFolder, count: int) -> Session:
+    """The base model with stages 0..count-1 loaded from their saved adapters, not sharded yet.
+
+    FSDP shards a model in place when a stage's training prepares it, and a sharded model cannot take
+    the next stage's adapters and be sharded again; so under FSDP each stage starts from a fresh copy
+    of the base model, with the finished stages applied as they were saved (merged if lora.merge)."""
+    s = Session(cfg)
+    for i, stage in enumerate(cfg.stages[:count]):
+        s.apply_stage(stage, run.stage_dir(i, stage))
+    return s
+
+
+# ----------------------------------------------------------------------------- reloading a finished run
+
+
+def load_run(path: Path, allow_other_base: bool = False) -> tuple[Session, RunConfig]:
+    """Rebuild the trained model of a finished run folder: base model, then each stage's adapters in order.
+
+    The base model must be the one the run was trained on (shape, and the fingerprint of its config,
+    weights and tokenizer recorded in meta.json); `allow_other_base` accepts another one of the same shape."""
+    folder = RunFolder(path)
+    folder.require_finished()
+    cfg = folder.read_config()
+    s = Session(cfg)
+    meta = folder.read_meta()
+    saved = meta.get("model_shape")
+    if saved is not None:
+        mine = model_shape(s.model)
+        wrong = {k: (v, mine[k]) for k, v in saved.items() if mine.get(k) != v}
+        if wrong:
+            raise CheckpointError(f"{path}: trained on a base model with {', '.join(f'{k}={a}' for k, (a, _) in wrong.items())}, "
+                                  f"but {cfg.model.name_or_path} has {', '.join(f'{k}={b}' for k, (_, b) in wrong.items())}; "
+                                  "point model.name_or_path in its config.yaml at the original base model")
+    if "base_model_fingerprint" in meta and not allow_other_base:
+        differ = fingerprint_differences(meta["base_model_fingerprint"], fingerprint(s.model, s.tokenizer))
+        if differ:
+            raise CheckpointError(
+                f"{path}: the base model differs from the one this run was trained on ({', '.join(differ)} differ): "
+                f"trained on {meta.get('base_model_resolved', meta.get('base_model'))!r}, now loading "
+                f"{s.model_path!r}; point model.name_or_path in {folder.config_path} at the original base model, "
+                "or pass --allow-other-base to apply the adapters to this one anyway")
+    elif "base_model_fingerprint" not in meta:
+        logger.warning("%s: written before heft recorded the base model's fingerprint; the base model is checked by shape only", path)
+    for i, stage in enumerate(cfg.stages):
+        s.apply_stage(stage, folder.stage_dir(i, stage))
+    return s, cfg
+
+
+def eval_run(path: Path, allow_other_base: bool = False) -> dict[str, Any]:
+    """Re-evaluate a finished run and compare with its saved predictions."""
+    s, cfg = load_run(path, allow_other_base)
+    splits = load_splits(cfg.data, with_train=False)
+    preds = s.evaluate(splits.eval)
+    result = {**accuracy(preds), "eval_split": cfg.data.eval_split}
+    saved = RunFolder(path).read_predictions()
+    if saved:
+        same = sum(1 for a, b in zip(preds, saved) if a["pred"] == b["pred"]) if len(saved) == len(preds) else 0
+        result["matches_saved_predictions"] = same == len(preds)
+        result["max_abs_p_yes_diff"] = max((abs(a["p_yes"] - b["p_yes"]) for a, b in zip(preds, saved) if "p_yes" in a), default=0.0)
+    return result

@@ -1,0 +1,1 @@
+"""Studies: strategies compared over seeds, the report with paired tests, plots."""

@@ -1,0 +1,107 @@
+"""`heft run` and `heft compare`: every strategy of a suite, trained and evaluated, then one report.
+
+`heft compare` trains each strategy under each seed (`OUT/seed-S/NAME`, strategies without training
+once in `OUT/seedless/NAME`), evaluated after every epoch; `heft run` is its one-seed case with run
+folders directly in `OUT/NAME` and `summary.json` besides the report (see heft.run.folder).
+
+A run folder that already holds a finished run of the same config is reused, and an unfinished one
+of the same config is resumed, so an interrupted study continues where it stopped and a finished
+one only rebuilds its report. Identical stage prefixes are trained once (heft.reuse.stage_cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from heft import __version__
+from heft.study import report as reports
+from heft.config.schema import RunConfig
+from heft.data.rows import load_splits
+from heft.errors import ConfigError
+from heft.run.pipeline import train_run
+from heft.run.folder import Output, StudyFolder
+from heft.train.runtime import is_main_process
+from heft.reuse.stage_cache import StageCache
+from heft.config.suite import read_suite, select
+
+logger = logging.getLogger(__name__)
+
+
+def train_strategies(study: StudyFolder, configs: dict[str, RunConfig], seed: int) -> None:
+    """Train and evaluate each strategy (all of one seed), reusing finished folders and shared prefixes."""
+    cache = StageCache(study.stage_cache_dir, configs)
+    for name in cache.order(configs):
+        cfg, run = configs[name], study.run(name, configs[name], seed)
+        same = run.is_heft() and run.read_config() == cfg  # compared as configs: fields added since take defaults
+        if run.is_finished():
+            if not same:
+                raise ConfigError(f"{run.path} holds a finished run of a different config; use a new --out or --overwrite")
+            logger.info("%s: reusing the finished run in %s", name, run.path)
+            continue
+        if run.path.exists() and not same:
+            shutil.rmtree(run.path)  # an unfinished run of another config (an edited suite): redone from scratch
+        start = cache.start_for(cfg)
+        logger.info("%s: %s %d stage(s)%s", name, "resuming" if same else "training", len(cfg.stages),
+                    f", starting from {start.source}" if start else "")
+        train_run(cfg, run.path, resume=same, start=start, cache=cache, name=name)
+
+
+def run_study(path: Path, out: Path, overrides: list[tuple[str, str]], *, seeds: list[int] | None,
+              only: list[str] | None = None, overwrite: bool = False, tensorboard: bool = False,
+              targets: list[float] | None = None, final_only: bool = False) -> dict[str, Any]:
+    """Train (or reuse) every strategy of the suite at `path` for every seed, then write the report.
+
+    With seeds, every strategy is evaluated after every epoch too, unless `final_only` (long runs: one evaluation
+    each, no accuracy-vs-epoch table). `seeds=None` is `heft run`: each strategy once with its configured seed, run
+    folders in `out/NAME`, evaluation at the end only (unless the suite asks for more), plus summary.json. Returns
+    report.json's content."""
+    if seeds is not None and not seeds:
+        raise ConfigError("--seeds: give at least one seed (3 or more for an interval over seeds)")
+    if seeds is not None and len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: duplicates in {seeds}")
+    configs = select(read_suite(path, overrides), only)
+    if seeds is not None:
+        configs = {n: dataclasses.replace(c, tensorboard=tensorboard or c.tensorboard, eval=dataclasses.replace(
+                       c.eval, every_epoch=c.eval.every_epoch or not final_only)) for n, c in configs.items()}
+    flat = seeds is None
+    continuing = not overwrite and StudyFolder(out, flat).is_heft()
+    output = Output.open(out, overwrite=overwrite, continuing=continuing, folder=lambda p: StudyFolder(p, flat),
+                         what="study folder", main=is_main_process())
+    try:
+        datas: list = []
+        for c in configs.values():
+            if c.data not in datas:
+                datas.append(c.data)
+        for data in datas:
+            load_splits(data)  # every data row checked before the first write
+        if is_main_process():
+            output.begin()
+        study = StudyFolder(output.work, flat)
+        used = seeds if seeds is not None else [next(iter(configs.values())).seed]
+        if is_main_process():
+            study.write_asked({"command": "run" if flat else "compare", "suite": str(path),
+                               "overrides": [list(o) for o in overrides], "seeds": used, "strategies": list(configs),
+                               "heft_version": __version__})
+        if flat:
+            train_strategies(study, configs, used[0])
+        else:
+            seedless = {n: c for n, c in configs.items() if not c.stages}
+            if seedless:
+                train_strategies(study, seedless, used[0])  # scoring is deterministic: one evaluation serves every seed
+            for seed in seeds:
+                logger.info("seed %d: %s", seed, ", ".join(n for n in configs if configs[n].stages))
+                train_strategies(study, {n: dataclasses.replace(c, seed=seed) for n, c in configs.items() if c.stages}, seed)
+        if not is_main_process():
+            return {}  # the report is read from the run folders and written by the main process alone
+        report = reports.build_report(study, configs, used, targets or [])
+        study.write_report(report, reports.report_markdown(report))
+        if flat:
+            study.write_summary(reports.summary_view(report), reports.summary_markdown(report))
+        output.finish()
+        return report
+    finally:
+        output.close()

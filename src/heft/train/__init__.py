@@ -1,0 +1,1 @@
+"""Training: the loop, checkpoints, the runtime (devices, precision, processes), sharding and cost accounting."""
