@@ -571,15 +571,16 @@ def test_unknown_architecture():
             self.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
             self.heads = nn.ModuleList([nn.Linear(4, 2), nn.ReLU()])
 
+    toy = Toy()
     with pytest.raises(ConfigError, match="model.layers_path"):
-        decoder_layers(Toy())
-    assert decoder_layers(Toy(), "blocks") is not None
+        decoder_layers(toy)
+    assert decoder_layers(toy, "blocks") is toy.blocks
 
     class ToyWithConfig(Toy):  # one ModuleList of identical blocks of the configured depth: accepted
         config = type("Cfg", (), {"num_hidden_layers": 3})()
 
-    toy = ToyWithConfig()
-    assert decoder_layers(toy) is toy.blocks
+    configured = ToyWithConfig()
+    assert decoder_layers(configured) is configured.blocks
 
 
 def test_saved_fp32_interventions_load_onto_a_bf16_model(tiny_model_dir, tmp_path):
