@@ -15,10 +15,15 @@ from safetensors.torch import load_file
 
 from heft.train import cost
 from heft.evaluation import stats
+from heft.evaluation.evaluate import accuracy
 from heft.cli import main
 from heft.config.load import from_dict
+from heft.config.suite import read_suite
 from heft.run.pipeline import train_run
-from heft.run.folder import RunFolder
+from heft.run.folder import RunFolder, StudyFolder
+from heft.run.records import Metrics
+from heft.study.report import build_report, console_table, report_markdown
+from heft.study.report_records import MAJORITY, Report
 
 SEEDS = [0, 1]
 
@@ -68,7 +73,10 @@ def test_report_accuracy_matches_run_folders(study):
         assert s["mean"] == pytest.approx(np.mean(accs))
         assert s["std"] == pytest.approx(np.std(accs, ddof=1))
         half = 12.706 * np.std(accs, ddof=1) / math.sqrt(2)
-        assert s["ci95"] == pytest.approx([np.mean(accs) - half, np.mean(accs) + half])
+        if len(set(accs)) > 1:
+            assert s["ci95"] == pytest.approx([np.mean(accs) - half, np.mean(accs) + half])
+        else:  # base: one evaluation serves every seed, so no interval over seeds exists
+            assert s["ci95"] is None and s["std"] == 0
         m = json.loads((_folder(out, name, 0) / "metrics.json").read_text())
         assert s["trainable_params"] == m["trainable_params"]
     assert report["strategies"]["base"]["train_tokens"] == 0 and report["strategies"]["base"]["trainable_params"] == 0
@@ -99,6 +107,10 @@ def test_report_paired_tests_match_predictions(study):
         assert pair["bootstrap"]["diff"] == pytest.approx(a.mean() - b.mean())
         lo, hi = pair["bootstrap"]["ci95"]
         assert lo <= pair["bootstrap"]["diff"] + 1e-12 and pair["bootstrap"]["diff"] - 1e-12 <= hi
+    # "above majority?" is the verdict of each strategy's paired test against the majority, n/a without one
+    against = {p["a"]: p["bootstrap"]["ci95"][0] > 0 for p in report["pairs"] if p["b"] == "majority"}
+    assert set(against) == {"lora", "reft", "heft"}
+    assert {n: s["above_majority"] for n, s in report["strategies"].items()} == {"base": None, **against}
 
 
 def test_every_epoch_is_evaluated_and_heft_reuses_lora_epoch_one(study):
@@ -174,6 +186,103 @@ def test_rerun_reuses_every_folder(study):
     assert again["strategies"] == report["strategies"] and again["pairs"] == report["pairs"]
 
 
+def test_report_round_trip(study, tmp_path):
+    """report.json holds typed records: built -> written -> read back equal, with report.json's keys in their
+    order; report.md is rendered from the records alone (the read-back report renders the same file)."""
+    out, args = study
+    configs = read_suite(Path(args[args.index("--config") + 1]), [])
+    built = build_report(StudyFolder(out, flat=False), configs, SEEDS, [0.5])
+    assert isinstance(built, Report) and built == StudyFolder(out, flat=False).read_report()
+    copy = StudyFolder(tmp_path, flat=False)
+    copy.write_report(built, report_markdown(built))
+    again = copy.read_report()
+    assert again == built
+    raw = json.loads((tmp_path / "report.json").read_text())
+    assert again.to_json() == raw and list(again.to_json()) == list(raw) == [
+        "seeds", "n", "eval_split", "model", "train_rows", "majority_label", "majority_baseline", "strategies", "pairs",
+        "epochs", "targets", "shared_stages", "reft_edit_norms", "run_folders", "plots"]
+    assert list(raw["shared_stages"]["heft"]) == ["from", "seconds_not_retrained"]
+    assert report_markdown(again) == (out / "report.md").read_text()
+
+
+def _fake_study(root: Path, model_dir: Path, files, correct: dict[str, list[list[bool]]]) -> tuple[StudyFolder, dict]:
+    """A finished study written by hand: 16 rows, half labelled yes, the training majority `yes` (so the
+    majority predictor scores 50%); `correct[name][k]` says which rows seed k's run got right."""
+    labels = [k % 2 == 0 for k in range(16)]
+    study = StudyFolder(root, flat=False)
+    configs = {}
+    for name in correct:
+        stages = [] if name == "base" else [{"method": "lora", "epochs": 1, "lr": 1e-3}]
+        configs[name] = from_dict({**tiny_config(model_dir, files, stages), "strategy": name})
+    for name, per_seed in correct.items():
+        for seed, right in zip(SEEDS, per_seed):
+            preds = [{"idx": k, "label": lab, "pred": lab if ok else not lab} for k, (lab, ok) in enumerate(zip(labels, right))]
+            acc = accuracy(preds)
+            folder = study.run(name, configs[name], seed)
+            folder.write_predictions(preds)
+            folder.write_metrics(Metrics(
+                strategy=name, accuracy=acc["accuracy"], ci95=acc["ci95"], n=16, correct=acc["correct"],
+                eval_split="validation", majority_label=True, majority_baseline=0.5, trainable_params=0 if name == "base" else 100,
+                train_seconds=1.0, epochs=0.0 if name == "base" else 1.0, train_tokens=0 if name == "base" else 500,
+                train_flops=0.0 if name == "base" else 1e6, train_rows=16, stages=[]))
+    return study, configs
+
+
+def _md_row(md: str, name: str) -> list[str]:
+    """The cells of the first table row of strategy `name` in report.md."""
+    line = next(x for x in md.splitlines() if x.startswith(f"| {name} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_equal_seeds_give_no_interval_and_the_paired_test_decides(tmp_path, boolq_files):
+    """Two seeds that both scored 56.25% have std 0 but no interval; 56.25% against the 50% majority is not
+    shown by the paired test, so the report says "no" where a zero-width interval said "yes"."""
+    nine = [True] * 9 + [False] * 7
+    study, configs = _fake_study(tmp_path / "study", tmp_path, boolq_files, {
+        "base": [[True] * 12 + [False] * 4] * 2,
+        "lora": [nine, nine[::-1]],  # 9 of 16 right on each seed, different rows
+    })
+    report = build_report(study, configs, SEEDS, [])
+    lora = report.strategies["lora"]
+    assert lora.mean == 0.5625 and lora.std == 0 and lora.ci95 is None
+    pair = report.majority_pair("lora")
+    lo, hi = pair.bootstrap.ci95
+    assert pair.b == MAJORITY and pair.bootstrap.diff == pytest.approx(0.0625) and lo < 0 < hi
+    assert lora.above_majority is False
+    base = report.strategies["base"]  # no training: no paired test against the majority, so no verdict
+    assert base.ci95 is None and base.above_majority is None and report.majority_pair("base") is None
+    md = report_markdown(report)
+    assert _md_row(md, "lora")[3:6] == ["none (all seeds equal)", "56.2%, 56.2%", "no"]
+    assert _md_row(md, "base")[5] == "n/a"
+    assert f"| lora | majority | +6.2 pts | {100 * lo:+.1f} to {100 * hi:+.1f} |" in md
+    assert "| lora | 56.2% ± 0.0 | none (all seeds equal) |" in console_table(report)
+    study.write_report(report, md)
+    raw = json.loads((study.path / "report.json").read_text())["strategies"]["lora"]
+    assert raw["ci95"] is None and raw["std"] == 0 and raw["above_majority"] is False
+
+
+def test_interval_is_the_same_number_in_json_and_markdown(tmp_path, boolq_files):
+    """Student's t over two seeds far apart reaches past 0% and 100%: report.json and report.md both show it
+    as computed (not clipped), and a strategy clearly above the majority on both seeds is "yes"."""
+    study, configs = _fake_study(tmp_path / "study", tmp_path, boolq_files, {
+        "base": [[True] * 8 + [False] * 8] * 2,
+        "lora": [[True] * 4 + [False] * 12, [True] * 14 + [False] * 2],
+        "good": [[True] * 15 + [False], [True] * 16],
+    })
+    report = build_report(study, configs, SEEDS, [])
+    study.write_report(report, report_markdown(report))
+    raw = json.loads((study.path / "report.json").read_text())["strategies"]
+    lo, hi = raw["lora"]["ci95"]
+    half = 12.706 * np.std([0.25, 0.875], ddof=1) / math.sqrt(2)
+    assert (lo, hi) == pytest.approx((0.5625 - half, 0.5625 + half)) and lo < 0 and hi > 1
+    md = (study.path / "report.md").read_text()
+    assert _md_row(md, "lora")[3] == f"{100 * lo:.1f}% to {100 * hi:.1f}%"
+    assert "not clipped" in md
+    good = report.strategies["good"]
+    assert report.majority_pair("good").bootstrap.ci95[0] > 0 and good.above_majority is True
+    assert _md_row(md, "good")[5] == "yes"
+
+
 def test_per_epoch_evaluation_does_not_change_training(tiny_model_dir, boolq_files, tmp_path):
     stage = [{"method": "joint", "epochs": 2, "lr": 1e-3, "batch_size": 8}]
     plain = tiny_config(tiny_model_dir, boolq_files, stage, data={"train_size": 16, "eval_size": 8}, lora={"dropout": 0.1},
@@ -230,6 +339,8 @@ def test_stats_known_values():
     assert m["mean"] == pytest.approx(0.7) and m["std"] == pytest.approx(0.1)
     assert m["ci95"] == pytest.approx([0.7 - 4.303 * 0.1 / math.sqrt(3), 0.7 + 4.303 * 0.1 / math.sqrt(3)])
     assert stats.mean_interval([0.5]) == {"mean": 0.5, "std": None, "ci95": None}
+    assert stats.mean_interval([0.5625, 0.5625]) == {"mean": 0.5625, "std": 0.0, "ci95": None}  # no spread to estimate
+    assert stats.mean_interval([0.25, 0.875])["ci95"][0] < 0  # as computed, not clipped to [0, 1]
     same = np.array([[1, 0, 1, 1]])
     assert stats.paired_bootstrap(same, same) == {"diff": 0.0, "ci95": [0.0, 0.0], "p": 1.0}
     better = stats.paired_bootstrap(np.ones((1, 200)), np.zeros((1, 200)))

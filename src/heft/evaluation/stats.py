@@ -6,7 +6,7 @@ Pure Python plus numpy (already a dependency of torch); no scipy.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -25,13 +25,21 @@ def t95(df: int) -> float:
     return z + (z**3 + z) / (4 * df)  # Cornish-Fisher: within 1e-3 of the exact value beyond 30
 
 
-def mean_interval(values: Sequence[float]) -> dict[str, float | None]:
-    """Mean, sample standard deviation and the 95% t interval of the mean (None with one value)."""
+def mean_interval(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation and the 95% t interval of the mean, as computed (not clipped to the
+    values' range).
+
+    `std` is None with one value. `ci95` is None with fewer than two distinct values: equal values (two seeds
+    that both scored 56.25%) have std 0, and the zero-width interval that would give claims a certainty that
+    the sample cannot support; no interval exists.
+    """
     n = len(values)
     mean = sum(values) / n
     if n < 2:
         return {"mean": mean, "std": None, "ci95": None}
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    if len(set(values)) < 2:
+        return {"mean": mean, "std": std, "ci95": None}
     half = t95(n - 1) * std / math.sqrt(n)
     return {"mean": mean, "std": std, "ci95": [mean - half, mean + half]}
 

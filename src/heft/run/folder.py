@@ -41,6 +41,7 @@ from heft.config.load import dump_yaml, load
 from heft.errors import CheckpointError, ConfigError
 from heft.run.lock import FolderLock
 from heft.run.records import EpochRecord, Metrics, StageRecord
+from heft.study.report_records import Report
 
 
 class RunFolder:
@@ -221,12 +222,12 @@ class StudyFolder:
     def write_asked(self, asked: dict[str, Any]) -> None:
         atomic.write_json(self.asked_path, asked)
 
-    def write_report(self, report: dict[str, Any], markdown: str) -> None:
-        atomic.write_json(self.path / "report.json", report)
+    def write_report(self, report: Report, markdown: str) -> None:
+        atomic.write_json(self.path / "report.json", report.to_json())
         atomic.write_text(self.path / "report.md", markdown)
 
-    def read_report(self) -> dict[str, Any]:
-        return atomic.read_json(self.path / "report.json")
+    def read_report(self) -> Report:
+        return Report.from_json(atomic.read_json(self.path / "report.json"))
 
     def write_summary(self, summary: dict[str, Any], markdown: str) -> None:
         atomic.write_json(self.path / "summary.json", summary)

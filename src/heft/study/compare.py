@@ -52,13 +52,13 @@ def train_strategies(study: StudyFolder, configs: dict[str, RunConfig], seed: in
 
 def run_study(path: Path, out: Path, overrides: list[tuple[str, str]], *, seeds: list[int] | None,
               only: list[str] | None = None, overwrite: bool = False, tensorboard: bool = False,
-              targets: list[float] | None = None, final_only: bool = False) -> dict[str, Any]:
+              targets: list[float] | None = None, final_only: bool = False) -> reports.Report | dict[str, Any]:
     """Train (or reuse) every strategy of the suite at `path` for every seed, then write the report.
 
     With seeds, every strategy is evaluated after every epoch too, unless `final_only` (long runs: one evaluation
     each, no accuracy-vs-epoch table). `seeds=None` is `heft run`: each strategy once with its configured seed, run
     folders in `out/NAME`, evaluation at the end only (unless the suite asks for more), plus summary.json. Returns
-    report.json's content."""
+    the report (typed, as report.json holds it) on the main process, {} on the others."""
     if seeds is not None and not seeds:
         raise ConfigError("--seeds: give at least one seed (3 or more for an interval over seeds)")
     if seeds is not None and len(set(seeds)) != len(seeds):
