@@ -5,22 +5,39 @@ What is uploaded is what reloads and reproduces the run (heft.run.folder): confi
 metrics.json, predictions.jsonl, epochs.jsonl and each stage's adapter files, stage.json and
 train_log.jsonl, plus a generated model card (README.md with a `model-index` of the metrics). Never
 checkpoints, TensorBoard events, locks or temporary files. An unfinished run is refused. The token is
-whatever `huggingface_hub` finds (HF_TOKEN or `huggingface-cli login`); heft never prints or writes it.
+whatever `huggingface_hub` finds (HF_TOKEN or `hf auth login`); heft never prints or writes it.
+
+When the Hub cannot be used (offline mode, no network, no such repository, not authorised), the call ends
+in one HubError line that names the repository, what failed and the fix; a failed download leaves no
+partial folder behind.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 import shutil
+import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from heft import __version__
-from heft.errors import CheckpointError, ConfigError
+from heft.errors import CheckpointError, ConfigError, HeftError
 from heft.run.folder import RunFolder
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "hf://"
 _SKIP_DIRS = {"checkpoints", "tensorboard"}
+_LOGIN = "log in with `hf auth login` or set HF_TOKEN"
+
+
+class HubError(HeftError):
+    """The Hugging Face Hub could not be reached or refused the request (offline mode, no network, no such
+    repository, not authorised); the message names the repository, what failed and the fix."""
 
 
 def files_to_share(folder: RunFolder) -> list[Path]:
@@ -107,9 +124,10 @@ def push(path: Path, repo_id: str, *, private: bool = False, api: Any = None) ->
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(folder.path / rel, stage / rel)
         (stage / "README.md").write_text(model_card(folder), encoding="utf-8")
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(folder_path=str(stage), repo_id=repo_id, repo_type="model",
-                          commit_message=f"heft run ({folder.read_config().label()})")
+        with _hub_call(f"uploading {path} to {repo_id} on the Hub", repo_id, write=True):
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            api.upload_folder(folder_path=str(stage), repo_id=repo_id, repo_type="model",
+                              commit_message=f"heft run ({folder.read_config().label()})")
     return repo_id
 
 
@@ -117,11 +135,19 @@ def pull(repo_id: str, path: Path, *, download: Any = None) -> Path:
     """Download a run pushed by `heft push` into `path` (new or empty); returns it."""
     _check_repo(repo_id)
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"heft pull: {path} is a file; choose a new folder")
     if path.exists() and any(path.iterdir()):
         raise ConfigError(f"heft pull: {path} is not empty; choose a new folder")
     if download is None:
         from huggingface_hub import snapshot_download as download
-    download(repo_id=repo_id, local_dir=str(path))
+    created = not path.exists()
+    try:
+        with _hub_call(f"downloading {repo_id} from the Hub", repo_id, write=False):
+            download(repo_id=repo_id, local_dir=str(path))
+    except BaseException:  # an interrupted download as well: a partial folder would block the next pull
+        _remove_partial(path, created)
+        raise
     folder = RunFolder(path)
     if not folder.is_heft():
         raise CheckpointError(f"{repo_id}: not a heft run (no config.yaml in the repository)")
@@ -150,3 +176,101 @@ def _check_repo(repo_id: str) -> None:
     parts = repo_id.split("/")
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"repository {repo_id!r}: give it as USER/REPO")
+
+
+def _remove_partial(path: Path, created: bool) -> None:
+    """Undo a failed download: remove the folder pull created, or empty the empty one it was given."""
+    if created:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for child in path.iterdir() if path.is_dir() else ():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+@contextmanager
+def _hub_call(doing: str, repo_id: str, *, write: bool) -> Iterator[None]:
+    """Turn the Hub's and the network's failures inside the block into one HubError line; any other error
+    (a bug) keeps its traceback. `write`: the call needs write access (push), else read access (pull)."""
+    try:
+        yield
+    except Exception as e:
+        reason = _reason(e, repo_id, write)
+        if reason is None:
+            raise
+        logger.debug("%s failed", doing, exc_info=True)
+        raise HubError(f"{doing} failed: {reason}") from e
+
+
+def _reason(error: BaseException, repo_id: str, write: bool) -> str | None:
+    """What failed and the fix, from the first error in the cause chain that tells (None: not the Hub's)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        LocalTokenNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    offline = "huggingface_hub is in offline mode (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE to reach the Hub"
+    token = f"a token with write access to {repo_id.split('/')[0]}" if write else "a token that can read it"
+    chain = list(_causes(error))
+    for e in chain:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if isinstance(e, OfflineModeIsEnabled):  # a ConnectionError: before the network errors
+            return offline
+        if isinstance(e, GatedRepoError):  # a RepositoryNotFoundError: before it
+            return (f"the repository is gated (HTTP {status}); request access at {constants.ENDPOINT}/{repo_id}, "
+                    f"then {_LOGIN} for that account")
+        if isinstance(e, RepositoryNotFoundError) or (isinstance(e, HfHubHTTPError) and status == 404):
+            # the Hub answers 401 alike for a missing repository and a private one the token cannot read
+            return (f"not found on the Hub (HTTP {status}); check the name, or if it is private, {_LOGIN} "
+                    f"to {token}")
+        if isinstance(e, HfHubHTTPError) and status in (401, 403):
+            return f"not authorised (HTTP {status}); {_LOGIN} to {token}"
+        if isinstance(e, HfHubHTTPError):
+            return f"the Hub answered HTTP {status} ({_first_line(e)}); run the command again later"
+        if isinstance(e, LocalTokenNotFoundError):
+            return f"not authorised (no token found); {_LOGIN} to {token}"
+        if isinstance(e, HFValidationError):
+            return f"{repo_id!r} is not a valid repository name ({_first_line(e)}); give it as USER/REPO"
+        if isinstance(e, _network_errors()):
+            return (f"no network: {constants.ENDPOINT} could not be reached ({type(e).__name__}: {_first_line(e)}); "
+                    f"check the connection (and HF_ENDPOINT or the proxy settings), then run the command again")
+    if any(isinstance(e, LocalEntryNotFoundError) for e in chain):
+        # snapshot_download found neither the Hub nor a local copy and kept no cause that says why
+        return offline if constants.HF_HUB_OFFLINE else (
+            f"{constants.ENDPOINT} could not be reached; check the connection, then run the command again")
+    return None
+
+
+def _causes(error: BaseException | None) -> Iterator[BaseException]:
+    """The error, then what caused it (huggingface_hub wraps a network error in LocalEntryNotFoundError)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """A refused or dropped connection, a failed DNS look-up, a timeout or a proxy error: the transport
+    errors of the HTTP client huggingface_hub uses (httpx2 from its 2.x, httpx in 1.x; transformers 5 needs
+    1.x or later, so never requests) and the operating system's own."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError, socket.gaierror]
+    for client in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(client).TransportError)
+        except ImportError:
+            pass
+    return tuple(found)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
