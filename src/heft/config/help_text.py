@@ -1,9 +1,9 @@
 """CLI help generated from the config dataclasses: every field's path, type, default and docstring.
 
-As in litgpt, the docstring literal written under each field in `config.py` is the one place a field
-is documented; `heft train --help` and `heft run/compare --help` list them all. Docstrings are read
-from the source with `ast` (Python keeps no reference to them at runtime), so this module needs
-nothing but `config.py` and never imports torch.
+As in litgpt, the docstring literal written under each field in heft.config.schema is the one place a
+field is documented; `heft train --help` and `heft run/compare --help` list them all. Docstrings are read
+from the source with `ast` (Python keeps no reference to them at runtime), so this module needs nothing
+but the schema and never imports torch.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Loading a config: YAML plus dotted CLI overrides -> one resolved, frozen `RunConfig` (heft.config.schema).
 
-A run is a list of stages (`stages:`), each training `lora`, `reft` or `joint` (both at once) with its
-own optimiser budget. LoRA and ReFT hyperparameters live once at the top level (`lora:`, `reft:`) and
-are used by every stage that trains that method. All validation errors are collected and raised
-together in one `ConfigError` naming each field, the bad value and the fix.
+The loader walks the dataclasses' annotations: each value is checked against its field's type and converted
+(lists -> tuples, ints -> floats), unknown fields are named with the valid ones, and then the schema's range
+checks run. Every problem found on the way is collected and raised together in one `ConfigError`.
+YAML is read as YAML 1.2 reads numbers (`1e-4` is a float); the YAML 1.1 words on/off/yes/no keep their text
+where a field's options include it (`frozen_prefix: off`) and are booleans everywhere else.
 """
 
 from __future__ import annotations
@@ -39,6 +40,16 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+class BoolWord(str):
+    """A YAML 1.1 boolean word (`on`, `off`, `yes`, `no`, in any of YAML's cases) as written in a file or an
+    override. YAML 1.1 reads it as a boolean, so `frozen_prefix: off` would arrive as False; kept as its text,
+    `_coerce` gives the field the word where the field's options include it, and the boolean everywhere else."""
+
+    @property
+    def boolean(self) -> bool:
+        return self.lower() in ("yes", "on")
+
+
 def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
     """Check `value` against the annotation `tp`; return it converted (lists -> tuples, ints -> floats)."""
     origin = typing.get_origin(tp)
@@ -49,12 +60,15 @@ def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             out = _coerce(value, option, where, sub)
             if not sub:
                 return out
-        errors.append(f"{where}: expected {type_name(tp)}, got {value!r}")
+        errors.append(f"{where}: expected {type_name(tp)}, got {as_bool(value)!r}")
         return value
     if origin is Literal:
+        if isinstance(value, BoolWord) and str(value) in typing.get_args(tp):
+            return str(value)
         if value not in typing.get_args(tp):
             errors.append(f"{where}: must be one of {type_name(tp)}, got {value!r}")
         return value
+    value = as_bool(value)
     if tp is type(None):
         if value is not None:
             errors.append(f"{where}: expected null, got {value!r}")
@@ -91,6 +105,11 @@ def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             errors.append(f"{where}: expected a string, got {value!r}")
         return value
     raise TypeError(f"unsupported annotation {tp!r} at {where}")  # internal: a field type we forgot
+
+
+def as_bool(value: Any) -> Any:
+    """`value` with a YAML 1.1 word turned into the boolean YAML 1.1 reads (what every non-option field gets)."""
+    return value.boolean if isinstance(value, BoolWord) else value
 
 
 def _build(cls: type, raw: Any, where: str, errors: list[str]) -> Any:
@@ -139,7 +158,8 @@ def to_dict(cfg: Any) -> Any:
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, but reading `1e-4` as a number as YAML 1.2 does (YAML 1.1 wants `1.0e-4`)."""
+    """PyYAML's safe loader, but reading `1e-4` as a number as YAML 1.2 does (YAML 1.1 wants `1.0e-4`), and
+    on/off/yes/no as `BoolWord`s, so the schema decides between the word and its boolean."""
 
 
 _Loader.add_implicit_resolver(
@@ -149,7 +169,18 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _construct_bool(loader: _Loader, node: yaml.ScalarNode) -> bool | BoolWord:
+    text = loader.construct_scalar(node)
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return BoolWord(text)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:bool", _construct_bool)
+
+
 def read_yaml(text: str) -> Any:
+    """YAML text as plain data, read as `_Loader` says (the raw input of `from_dict`)."""
     return yaml.load(text, Loader=_Loader)
 
 
@@ -205,7 +236,7 @@ def load(path: str | Path | None, overrides: list[tuple[str, str]] = ()) -> RunC
             raise ConfigError(f"--config: {p} is empty; a run config needs at least `stages:` (e.g. "
                               "`stages: [{method: lora, epochs: 1}]`, or `stages: []` to evaluate the base model)")
         if not isinstance(raw, dict):
-            raise ConfigError(f"--config: {p} must hold a mapping of sections, got {type(raw).__name__}")
+            raise ConfigError(f"--config: {p} must hold a mapping of sections, got {type(as_bool(raw)).__name__}")
         if "stages" not in raw and not any(k == "stages" or k.startswith("stages.") for k, _ in overrides):
             raise ConfigError(f"--config: {p} has no `stages:`; list the training stages (e.g. "
                               "`stages: [{method: lora, epochs: 1}]`), or write `stages: []` to evaluate the base model only")

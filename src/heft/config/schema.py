@@ -2,8 +2,10 @@
 
 A run is a list of stages (`stages:`), each training `lora`, `reft` or `joint` (both at once) with its
 own optimiser budget. LoRA and ReFT hyperparameters live once at the top level (`lora:`, `reft:`) and
-are used by every stage that trains that method. All validation errors are collected and raised
-together in one `ConfigError` naming each field, the bad value and the fix.
+are used by every stage that trains that method. Each section checks its own ranges (`check`, appending
+messages that name the field's full dotted path, the bad value and the fix); `check_ranges` runs them all,
+then the few rules that span sections, so heft.config.load raises every problem at once in one `ConfigError`.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Literal
-
 
 from heft.errors import ConfigError
 
@@ -41,6 +42,11 @@ class ModelConfig:
     """`random`: build the model from the folder's config.json with random weights (seeded by `seed`), no weight
     files needed: for checking memory and speed at a model's real shape before fetching its weights."""
 
+    def check(self, errors: list[str]) -> None:
+        """Append this section's inconsistent values to `errors`."""
+        _need(errors, self.init == "pretrained" or self.quantization == "none",
+              "model.init: random weights cannot be loaded in 4-bit; set model.quantization: none with model.init: random")
+
 
 @dataclass(frozen=True)
 class TaskConfig:
@@ -52,6 +58,18 @@ class TaskConfig:
     `data.train_size`, else all."""
     eval_size: int | None = None
     """Evaluate on the first N evaluation rows of this task; None: `data.eval_size`, else all."""
+
+    def check(self, errors: list[str], where: str) -> None:
+        """Append this task's bad values to `errors`; `where` is its path, e.g. `data.tasks[0]`."""
+        # the task table, imported only when a config lists tasks
+        from heft.data.tasks import spec
+
+        try:
+            spec(self.name, f"{where}.name")
+        except ConfigError as e:
+            errors.append(str(e))
+        _need(errors, self.train_size is None or self.train_size > 0, f"{where}.train_size: must be positive or null")
+        _need(errors, self.eval_size is None or self.eval_size > 0, f"{where}.eval_size: must be positive or null")
 
 
 @dataclass(frozen=True)
@@ -74,8 +92,8 @@ class DataConfig:
     eval_path: str | None = None
     """Local evaluation file, same shape. Used only for the final numbers."""
     prompt_format: Literal["passage", "question-only"] = "passage"
-    """`passage`: `{passage}\\nQuestion: {question}?\\nAnswer:` -> ` yes`/` no` (lm-eval-harness style);
-    `question-only`: the LLM-Adapters commonsense prompt answered `true`/`false`."""
+    """The prompt of BoolQ rows. `passage`: `{passage}\\nQuestion: {question}?\\nAnswer:` -> ` yes`/` no`
+    (lm-eval-harness style); `question-only`: the LLM-Adapters commonsense prompt answered `true`/`false`."""
     max_length: int = 256
     """Longest prompt+answer in tokens; longer passages are truncated (never the question or the answer)."""
     train_size: int | None = None
@@ -86,6 +104,28 @@ class DataConfig:
     """Evaluate on the first N validation rows (official order). None: all of them."""
     eval_split: Literal["validation", "dev"] = "validation"
     """Which split `heft eval` and the end-of-run evaluation score."""
+
+    def check(self, errors: list[str]) -> None:
+        """Append this section's out-of-range or inconsistent values to `errors`."""
+        _need(errors, self.max_length >= 16, f"data.max_length: must be >= 16, got {self.max_length}")
+        _need(errors, self.dev_size >= 0, f"data.dev_size: must be >= 0, got {self.dev_size}")
+        _need(errors, self.train_size is None or self.train_size > 0,
+              f"data.train_size: must be positive or null, got {self.train_size}")
+        _need(errors, self.eval_size is None or self.eval_size > 0,
+              f"data.eval_size: must be positive or null, got {self.eval_size}")
+        if self.source == "builtin" or self.tasks:
+            _need(errors, len(self.tasks) > 0,
+                  "data.tasks: list the built-in tasks with data.source: builtin, e.g. `[{name: arc_easy}]`")
+            _need(errors, self.source in ("builtin", "hub"),
+                  "data.tasks: read with data.source: builtin (offline) or hub (official splits)")
+            for i, task in enumerate(self.tasks):
+                task.check(errors, f"data.tasks[{i}]")
+            names = [t.name for t in self.tasks]
+            _need(errors, len(set(names)) == len(names), f"data.tasks: a task is listed twice in {names}")
+        _need(errors, self.source == "local" or (self.format == "boolq" and not self.columns),
+              "data.format / data.columns: describe local files; set data.source: local (or remove them)")
+        _need(errors, self.source != "local" or self.eval_path is not None,
+              "data.eval_path: required when data.source is 'local'")
 
 
 @dataclass(frozen=True)
@@ -108,6 +148,12 @@ class LoraConfig:
     """Decoder layers that get adapters: `all` or a list of indices (PEFT `layers_to_transform`). Adapting only the
     upper layers lets training skip the frozen lower ones after the first epoch (`frozen_prefix`)."""
 
+    def check(self, errors: list[str]) -> None:
+        """Append this section's out-of-range values to `errors`."""
+        _need(errors, self.r > 0, f"lora.r: must be positive, got {self.r}")
+        _need(errors, 0.0 <= self.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {self.dropout}")
+        _check_layers(errors, "lora.layers", self.layers)
+
 
 @dataclass(frozen=True)
 class PositionsConfig:
@@ -119,6 +165,12 @@ class PositionsConfig:
     """Where the first group starts: the prompt's first token, or the first token of the user's content (after a
     BOS token the tokenizer adds, and after a chat template's system/header tokens, which are the same for every
     row), found from the tokenizer's offsets."""
+
+    def check(self, errors: list[str]) -> None:
+        """Append bad counts to `errors` (whether they fit in `max_length` is checked across sections)."""
+        _need(errors, self.first >= 0 and self.last >= 0,
+              f"reft.positions: first and last must be >= 0, got first={self.first} last={self.last}")
+        _need(errors, self.first + self.last > 0, "reft.positions: first + last must be > 0 (no position to edit)")
 
 
 @dataclass(frozen=True)
@@ -143,6 +195,13 @@ class ReftConfig:
     """The edit's input-independent term b: `absolute` adds R^T b as in the ReFT paper; `relative` adds R^T b
     times the edited state's root-mean-square, so the same b moves every layer and model by the same share of
     its state (hidden-state scales differ ~10x across layers and ~40x across model families)."""
+
+    def check(self, errors: list[str]) -> None:
+        """Append this section's out-of-range values to `errors`."""
+        _need(errors, self.rank > 0, f"reft.rank: must be positive, got {self.rank}")
+        _need(errors, 0.0 <= self.dropout < 1.0, f"reft.dropout: must be in [0, 1), got {self.dropout}")
+        self.positions.check(errors)
+        _check_layers(errors, "reft.layers", self.layers)
 
 
 @dataclass(frozen=True)
@@ -170,6 +229,19 @@ class StageConfig:
     """Override `data.max_length` for this stage."""
     name: str | None = None
     """Folder name of the stage (default: `NN-method`)."""
+
+    def check(self, errors: list[str], where: str) -> None:
+        """Append this stage's out-of-range values to `errors`; `where` is its path, e.g. `stages[0]`."""
+        _need(errors, self.epochs > 0, f"{where}.epochs: must be positive, got {self.epochs}")
+        _need(errors, self.lr > 0, f"{where}.lr: must be positive, got {self.lr}")
+        _need(errors, self.batch_size > 0, f"{where}.batch_size: must be positive, got {self.batch_size}")
+        _need(errors, self.grad_accum > 0, f"{where}.grad_accum: must be positive, got {self.grad_accum}")
+        _need(errors, self.warmup_steps >= 0, f"{where}.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        _need(errors, self.weight_decay >= 0, f"{where}.weight_decay: must be >= 0, got {self.weight_decay}")
+        _need(errors, self.max_length is None or self.max_length >= 16,
+              f"{where}.max_length: must be >= 16, got {self.max_length}")
+        _need(errors, self.name is None or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name) is not None,
+              f"{where}.name: {self.name!r} must be a plain folder name (letters, digits, `.`, `_`, `-`; no `/`)")
 
     @property
     def trains_lora(self) -> bool:
@@ -200,6 +272,11 @@ class EvalConfig:
     every_epoch: bool = False
     """Also evaluate after every whole epoch of every stage (`OUT/epochs.jsonl`; `heft compare` turns it on)."""
 
+    def check(self, errors: list[str]) -> None:
+        """Append this section's out-of-range or inconsistent values to `errors`."""
+        _need(errors, self.batch_size > 0, f"eval.batch_size: must be positive, got {self.batch_size}")
+        _need(errors, self.extractor != "regex" or bool(self.pattern), "eval.pattern: required with eval.extractor: regex")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -210,7 +287,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The frozen base model and how it is loaded."""
     data: DataConfig = field(default_factory=DataConfig)
-    """BoolQ rows: where they come from, the prompt, and the train/dev/eval splits."""
+    """The rows (embedded BoolQ, built-in tasks, local files or the hub): their shape, the prompt, and the
+    train/dev/eval splits."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA hyperparameters, shared by every `lora` and `joint` stage."""
     reft: ReftConfig = field(default_factory=ReftConfig)
@@ -246,6 +324,14 @@ class RunConfig:
     """Keep each stage's last checkpoint (`stages/NN-*/checkpoints/`) in the finished run folder; by default a
     stage's checkpoints are removed once it finishes."""
 
+    def check(self, errors: list[str]) -> None:
+        """Append the out-of-range top-level values to `errors` (the sections check themselves)."""
+        _need(errors, self.log_every > 0, f"log_every: must be positive, got {self.log_every}")
+        _need(errors, self.prefix_cache_gb >= 0,
+              f"prefix_cache_gb: must be >= 0 (0: keep nothing), got {self.prefix_cache_gb}")
+        _need(errors, self.checkpoint_every >= 0,
+              f"checkpoint_every: must be >= 0 (0: epoch ends only), got {self.checkpoint_every}")
+
     def label(self) -> str:
         """The strategy name shown in reports."""
         if self.strategy:
@@ -262,85 +348,44 @@ class RunConfig:
         return "heft"
 
 
-# ----------------------------------------------------------------------------- building and checking
+# ----------------------------------------------------------------------------- checking
 
 
 def check_ranges(cfg: RunConfig, errors: list[str]) -> None:
-    """Append every value out of its range (or inconsistent with another field) to `errors`."""
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            errors.append(msg)
+    """Append every value out of its range, or inconsistent with another field, to `errors`: each section's own
+    check, then the few rules that span sections."""
+    for section in (cfg.data, cfg.eval, cfg.model, cfg.lora, cfg.reft, cfg):
+        section.check(errors)
+    for i, stage in enumerate(cfg.stages):
+        stage.check(errors, f"stages[{i}]")
+    _check_across_sections(cfg, errors)
 
-    d, r, lo = cfg.data, cfg.reft, cfg.lora
-    need(d.max_length >= 16, f"data.max_length: must be >= 16, got {d.max_length}")
-    need(d.dev_size >= 0, f"data.dev_size: must be >= 0, got {d.dev_size}")
-    need(d.train_size is None or d.train_size > 0, f"data.train_size: must be positive or null, got {d.train_size}")
-    need(d.eval_size is None or d.eval_size > 0, f"data.eval_size: must be positive or null, got {d.eval_size}")
-    if d.source == "builtin" or d.tasks:
-        need(len(d.tasks) > 0, "data.tasks: list the built-in tasks with data.source: builtin, e.g. `[{name: arc_easy}]`")
-        need(d.source in ("builtin", "hub"), "data.tasks: read with data.source: builtin (offline) or hub (official splits)")
-        from heft.data.tasks import spec
 
-        for i, t in enumerate(d.tasks):
-            try:
-                spec(t.name, f"data.tasks[{i}].name")
-            except ConfigError as e:
-                errors.append(str(e))
-            need(t.train_size is None or t.train_size > 0, f"data.tasks[{i}].train_size: must be positive or null")
-            need(t.eval_size is None or t.eval_size > 0, f"data.tasks[{i}].eval_size: must be positive or null")
-        names = [t.name for t in d.tasks]
-        need(len(set(names)) == len(names), f"data.tasks: a task is listed twice in {names}")
-    need(d.source == "local" or (d.format == "boolq" and not d.columns),
-         "data.format / data.columns: describe local files; set data.source: local (or remove them)")
-    need(cfg.eval.extractor != "regex" or bool(cfg.eval.pattern), "eval.pattern: required with eval.extractor: regex")
-    if d.source == "local":
-        need(d.train_path is not None or not cfg.stages, "data.train_path: required when data.source is 'local' and there are training stages")
-        need(d.eval_path is not None, "data.eval_path: required when data.source is 'local'")
-    need(lo.r > 0, f"lora.r: must be positive, got {lo.r}")
-    need(cfg.model.init == "pretrained" or cfg.model.quantization == "none",
-         "model.init: random weights cannot be loaded in 4-bit; set model.quantization: none with model.init: random")
-    need(cfg.model.quantization == "none" or not lo.merge,
-         "lora.merge: a LoRA stage cannot be merged into 4-bit weights; set lora.merge: false with model.quantization: 4bit")
-    need(0.0 <= lo.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {lo.dropout}")
-    need(r.rank > 0, f"reft.rank: must be positive, got {r.rank}")
-    need(0.0 <= r.dropout < 1.0, f"reft.dropout: must be in [0, 1), got {r.dropout}")
-    need(r.positions.first >= 0 and r.positions.last >= 0,
-         f"reft.positions: first and last must be >= 0, got first={r.positions.first} last={r.positions.last}")
-    need(r.positions.first + r.positions.last > 0, "reft.positions: first + last must be > 0 (no position to edit)")
-    shortest = min([d.max_length] + [s.max_length for s in cfg.stages if s.max_length])
-    need(r.positions.first + r.positions.last < shortest,
-         f"reft.positions: first + last = {r.positions.first + r.positions.last} positions do not fit in max_length "
-         f"{shortest} tokens; lower them")
-    for name, layers in (("reft.layers", r.layers), ("lora.layers", lo.layers)):
-        if isinstance(layers, tuple):
-            need(len(layers) > 0, f"{name}: an empty list adapts nothing; use `all` or list layer indices")
-            need(len(set(layers)) == len(layers), f"{name}: duplicate layer indices in {list(layers)}")
-            need(all(i >= 0 for i in layers), f"{name}: indices must be >= 0, got {list(layers)}")
-    need(cfg.log_every > 0, f"log_every: must be positive, got {cfg.log_every}")
-    need(cfg.prefix_cache_gb >= 0, f"prefix_cache_gb: must be >= 0 (0: keep nothing), got {cfg.prefix_cache_gb}")
-    need(cfg.checkpoint_every >= 0, f"checkpoint_every: must be >= 0 (0: epoch ends only), got {cfg.checkpoint_every}")
-    need(cfg.eval.batch_size > 0, f"eval.batch_size: must be positive, got {cfg.eval.batch_size}")
-    for i, s in enumerate(cfg.stages):
-        w = f"stages[{i}]"
-        need(s.epochs > 0, f"{w}.epochs: must be positive, got {s.epochs}")
-        need(s.lr > 0, f"{w}.lr: must be positive, got {s.lr}")
-        need(s.batch_size > 0, f"{w}.batch_size: must be positive, got {s.batch_size}")
-        need(s.grad_accum > 0, f"{w}.grad_accum: must be positive, got {s.grad_accum}")
-        need(s.warmup_steps >= 0, f"{w}.warmup_steps: must be >= 0, got {s.warmup_steps}")
-        need(s.weight_decay >= 0, f"{w}.weight_decay: must be >= 0, got {s.weight_decay}")
-        need(s.max_length is None or s.max_length >= 16, f"{w}.max_length: must be >= 16, got {s.max_length}")
-    for i, s in enumerate(cfg.stages):
-        need(s.name is None or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", s.name) is not None,
-             f"stages[{i}].name: {s.name!r} must be a plain folder name (letters, digits, `.`, `_`, `-`; no `/`)")
-    names = [stage_dir_name(i, s) for i, s in enumerate(cfg.stages)]
-    need(len(set(names)) == len(names), f"stages: two stages share the folder name {names}; set distinct `name`s")
-    lora_before = False
-    for i, s in enumerate(cfg.stages):
-        if s.method in ("lora", "joint") and lora_before and not cfg.lora.merge:
+def _check_across_sections(cfg: RunConfig, errors: list[str]) -> None:
+    d, r, stages = cfg.data, cfg.reft, cfg.stages
+    _need(errors, d.source != "local" or d.train_path is not None or not stages,
+          "data.train_path: required when data.source is 'local' and there are training stages")
+    _need(errors, cfg.model.quantization == "none" or not cfg.lora.merge,
+          "lora.merge: a LoRA stage cannot be merged into 4-bit weights; set lora.merge: false with model.quantization: 4bit")
+    shortest = min([d.max_length] + [s.max_length for s in stages if s.max_length])
+    edited = r.positions.first + r.positions.last
+    _need(errors, edited < shortest,
+          f"reft.positions: first + last = {edited} positions do not fit in max_length {shortest} tokens; lower them")
+    # heft.run.folder.stage_dir_name's rule, repeated because heft.run imports this module
+    names = [s.name or f"{i:02d}-{s.method}" for i, s in enumerate(stages)]
+    _need(errors, len(set(names)) == len(names), f"stages: two stages share the folder name {names}; set distinct `name`s")
+    for i, s in enumerate(stages):
+        if s.trains_lora and any(earlier.trains_lora for earlier in stages[:i]) and not cfg.lora.merge:
             errors.append(f"stages[{i}].method: a second LoRA stage needs lora.merge: true (the earlier adapter is merged first)")
-        lora_before = lora_before or s.method in ("lora", "joint")
 
 
-def stage_dir_name(index: int, stage: StageConfig) -> str:
-    """Folder name of a stage inside a run folder, e.g. `00-lora`."""
-    return stage.name or f"{index:02d}-{stage.method}"
+def _check_layers(errors: list[str], name: str, layers: tuple[int, ...] | str) -> None:
+    if isinstance(layers, tuple):
+        _need(errors, len(layers) > 0, f"{name}: an empty list adapts nothing; use `all` or list layer indices")
+        _need(errors, len(set(layers)) == len(layers), f"{name}: duplicate layer indices in {list(layers)}")
+        _need(errors, all(i >= 0 for i in layers), f"{name}: indices must be >= 0, got {list(layers)}")
+
+
+def _need(errors: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        errors.append(message)

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from heft.config.schema import RunConfig
-from heft.config.load import apply_override, from_dict, read_yaml
+from heft.config.load import apply_override, as_bool, from_dict, read_yaml
 from heft.errors import ConfigError
 
 
@@ -54,7 +54,7 @@ def read_suite(path: Path, overrides: list[tuple[str, str]]) -> dict[str, RunCon
     except yaml.YAMLError as e:
         raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"--config: {path} must hold `common:` and `strategies:`, got {type(raw).__name__}")
+        raise ConfigError(f"--config: {path} must hold `common:` and `strategies:`, got {type(as_bool(raw)).__name__}")
     unknown = set(raw) - {"common", "strategies"}
     if unknown or not isinstance(raw.get("strategies"), dict):
         raise ConfigError(f"{path}: a suite has `common:` and `strategies:` (name -> list of stages); found {sorted(raw)}")

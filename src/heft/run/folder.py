@@ -36,12 +36,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from heft.run import atomic
-from heft.config.schema import RunConfig, StageConfig, stage_dir_name
+from heft.config.schema import RunConfig, StageConfig
 from heft.config.load import dump_yaml, load
 from heft.errors import CheckpointError, ConfigError
 from heft.run.lock import FolderLock
 from heft.run.records import EpochRecord, Metrics, StageRecord
 from heft.study.report_records import Report
+
+
+def stage_dir_name(index: int, stage: StageConfig) -> str:
+    """Folder name of a stage inside a run folder, e.g. `00-lora` (heft.config.schema refuses two stages sharing one)."""
+    return stage.name or f"{index:02d}-{stage.method}"
 
 
 class RunFolder:
