@@ -211,6 +211,71 @@ def test_bad_row_names_file_line_and_field(tmp_path, bad, needles):
         assert needle in msg, (needle, msg)
 
 
+@pytest.mark.parametrize("fmt, row, message", [
+    ("boolq", {"question": "do cats sleep", "choices": ["yes", "no"], "label": 0},
+     "missing field `passage`; the row's fields (choices, label, question) are those of data.format: multiple_choice, "
+     "not boolq; set data.format: multiple_choice"),
+    ("multiple_choice", {"prompt": "Cats sleep", "completion": " a lot"},
+     "missing field `choices` (a list of answer texts); the row's fields (completion, prompt) are those of "
+     "data.format: completion, not multiple_choice; set data.format: completion"),
+    ("completion", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+     "missing field `completion`; the row's fields (messages) are those of data.format: chat, not completion; "
+     "set data.format: chat"),
+    ("chat", {"question": "is it", "passage": "It is.", "answer": True},
+     "field `messages` must be a list of at least 2 {role, content} turns, got None; the row's fields "
+     "(answer, passage, question) are those of data.format: boolq, not chat; set data.format: boolq"),
+    ("boolq", {"question": "q", "prompt": "p", "completion": "c", "choices": ["a", "b"], "label": 1},
+     "missing field `passage`; the row's fields (choices, completion, label, prompt, question) are those of "
+     "data.format: multiple_choice or completion, not boolq; set data.format to the file's shape"),
+])
+def test_row_in_another_format_names_it(tmp_path, fmt, row, message):
+    path = write_jsonl(tmp_path / "rows.jsonl", [row])
+    with pytest.raises(DataError) as e:
+        read_rows(path, fmt=fmt)
+    assert str(e.value) == f"{path}:1: {message}"
+
+
+@pytest.mark.parametrize("fmt, row, message", [
+    ("boolq", {"question": "q", "label": True}, "missing field `passage`"),  # BoolQ's shape, one field short
+    ("multiple_choice", {"question": "q", "choices": ["a", "b"], "label": 5},
+     "field `label` must be the index of the right choice, 0..1, got 5"),
+    ("chat", {"text": "hello"}, "field `messages` must be a list of at least 2 {role, content} turns, got None"),
+])
+def test_row_in_no_other_format_gets_no_format_hint(tmp_path, fmt, row, message):
+    path = write_jsonl(tmp_path / "rows.jsonl", [row])
+    with pytest.raises(DataError) as e:
+        read_rows(path, fmt=fmt)
+    assert str(e.value) == f"{path}:1: {message}"
+
+
+def test_question_only_boolq_rows_fit_boolq_only_under_the_question_only_prompt(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"question": "is it", "answer": True}])
+    with pytest.raises(DataError) as e:
+        read_rows(path, need_passage=False, fmt="chat")  # data.prompt_format: question-only
+    assert str(e.value).endswith("the row's fields (answer, question) are those of data.format: boolq, not chat; "
+                                 "set data.format: boolq")
+    with pytest.raises(DataError) as e:
+        read_rows(path, need_passage=True, fmt="chat")
+    assert "data.format" not in str(e.value)  # without `passage` it is no BoolQ row of the passage prompt
+
+
+@pytest.mark.parametrize("answer", ["", "  \n"])
+def test_chat_row_with_an_empty_answer_is_refused_like_an_empty_completion(tmp_path, answer):
+    chat = {"messages": [{"role": "user", "content": "do cats sleep"}, {"role": "assistant", "content": answer}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [chat])
+    with pytest.raises(DataError) as e:
+        read_rows(path, fmt="chat")
+    assert str(e.value) == (f"{path}:1: field `messages[1].content` (the assistant's answer) must be non-empty text, "
+                            f"got {answer!r}")
+    path = write_jsonl(tmp_path / "completion.jsonl", [{"prompt": "do cats sleep", "completion": answer}])
+    with pytest.raises(DataError) as e:
+        read_rows(path, fmt="completion")
+    assert str(e.value) == f"{path}:1: field `completion` must be non-empty text, got {answer!r}"
+    # an empty earlier turn is still a turn (a system prompt may be empty); only the answer must hold text
+    chat["messages"] = [{"role": "system", "content": ""}, {"role": "assistant", "content": "yes"}]
+    assert read_rows(write_jsonl(tmp_path / "ok.jsonl", [chat]), fmt="chat")[0].target == "yes"
+
+
 def test_bad_item_in_json_names_the_item(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps([_row(), _row(), _row(answer="maybe")]))

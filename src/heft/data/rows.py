@@ -8,7 +8,8 @@ checked where it enters and remembers where it came from (`Example.source`); a b
 with its file, line and field. The dev split is carved from train with a fixed
 permutation (independent of the run seed, so every seed and strategy sees the same dev rows).
 Other tasks' rows (built-in tasks, and local `multiple_choice` / `completion` / `chat` files) become the
-same `Example` with a rendered context and choices or a target (`parse_general`).
+same `Example` with a rendered context and choices or a target (`parse_general`). A local row missing a
+field of `data.format` but holding every field of another format names that format.
 """
 
 from __future__ import annotations
@@ -190,7 +191,11 @@ def parse_general(row: Any, where: str, fmt: str, task: str, index: int = 0) -> 
     if turns[-1][0] != "assistant":
         raise DataError(f"{where}: the last message must have role `assistant` (the answer trained on and matched), "
                         f"got role {turns[-1][0]!r}")
-    return Example(**common, label=0, messages=tuple(turns), target=turns[-1][1], gold=turns[-1][1].strip(), delimiter="")
+    answer = turns[-1][1]
+    if not answer.strip():  # as an empty `completion`: nothing to train on, and an exact match of nothing
+        raise DataError(f"{where}: field `messages[{len(turns) - 1}].content` (the assistant's answer) must be non-empty "
+                        f"text, got {answer!r}")
+    return Example(**common, label=0, messages=tuple(turns), target=answer, gold=answer.strip(), delimiter="")
 
 
 def _utf8(raw: bytes, p: Path, line: int | None = None) -> str:
@@ -248,13 +253,48 @@ def read_rows(path: str | Path, need_passage: bool = True, fmt: str = "boolq", c
                 raise DataError(f"{p}:{n}: malformed JSON line ({e.msg} at column {e.colno})") from None
     if columns:
         rows = [(where, _rename(r, columns, where)) for where, r in rows]
-    if fmt == "boolq":
-        out = [parse_row(r, where, need_passage, i) for i, (where, r) in enumerate(rows)]
-    else:
-        out = [parse_general(r, where, fmt, task, i) for i, (where, r) in enumerate(rows)]
+    out = [_parse(r, where, fmt, need_passage, task, i) for i, (where, r) in enumerate(rows)]
     if not out:
         raise DataError(f"{p}: the file holds no rows")
     return out
+
+
+# The fields a row of each local format has (each group: one of these names), to tell which format a row is in.
+_FORMAT_FIELDS = {
+    "boolq": (("question",), ("passage",), ("answer", "label")),
+    "multiple_choice": (("question", "prompt"), ("choices",), ("label",)),
+    "completion": (("prompt",), ("completion",)),
+    "chat": (("messages",),),
+}
+
+
+def _parse(row: Any, where: str, fmt: str, need_passage: bool, task: str, index: int) -> Example:
+    """One row of a file in the shape `fmt`. When the row is refused, lacks a field of `fmt` and has every field of
+    another local format, the error names that format: the usual cause is `data.format` left at its default."""
+    try:
+        if fmt == "boolq":
+            return parse_row(row, where, need_passage, index)
+        return parse_general(row, where, fmt, task, index)
+    except DataError as e:
+        fits = _formats_fitting(row, need_passage)
+        if fmt not in _FORMAT_FIELDS or fmt in fits or not fits:
+            raise
+        fix = f"set data.format: {fits[0]}" if len(fits) == 1 else "set data.format to the file's shape"
+        raise DataError(f"{e}; the row's fields ({', '.join(sorted(map(str, row)))}) are those of data.format: "
+                        f"{' or '.join(fits)}, not {fmt}; {fix}") from None
+
+
+def _formats_fitting(row: Any, need_passage: bool) -> list[str]:
+    """The local formats whose fields `row` has (BoolQ without `passage` when the prompt does not use it)."""
+    if not isinstance(row, dict):
+        return []
+    fits = []
+    for fmt, groups in _FORMAT_FIELDS.items():
+        if fmt == "boolq" and not need_passage:
+            groups = tuple(g for g in groups if g != ("passage",))
+        if all(any(name in row for name in group) for group in groups):
+            fits.append(fmt)
+    return fits
 
 
 def _rename(row: Any, columns: dict[str, str], where: str) -> Any:
