@@ -6,6 +6,7 @@
     heft eval DIR                                          reload a run folder and re-evaluate it
     heft predict DIR --passage P --question Q              yes/no and its probability
     heft lm-eval DIR --tasks boolq,arc_easy [--limit N]      lm-evaluation-harness tasks on a run (extra: lm-eval)
+    heft tune --config FILE --trials N --out DIR [--storage URL]   Optuna search on the dev split, many workers (extra: tune)
 """
 
 from __future__ import annotations
@@ -71,10 +72,18 @@ def cmd_run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
 
 def cmd_compare(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     path = _suite(args, overrides)
+    only = args.only
+    if args.tune is not None:  # the suite's strategies replaced by their best configs on the dev split
+        from heft.tune.suite import tune_suite
+
+        out = Path(args.out)
+        path = tune_suite(path, overrides, only, Path(args.tune_out or out.with_name(out.name + "-tune")), args.tune,
+                          storage=args.storage, prefix=f"{out.name}-")
+        overrides, only = [], None
     from heft.study.report import console_table
     from heft.study.compare import run_study
 
-    report = run_study(path, Path(args.out), overrides, seeds=args.seeds, only=args.only, overwrite=args.overwrite,
+    report = run_study(path, Path(args.out), overrides, seeds=args.seeds, only=only, overwrite=args.overwrite,
                        tensorboard=args.tensorboard, targets=args.target, final_only=args.final_only)
     if _reports():
         print("\n" + console_table(report))
@@ -215,6 +224,31 @@ def cmd_lm_eval(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> i
     return 0
 
 
+def cmd_tune(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    from heft.tune.study import tune
+
+    report = tune(Path(args.config), Path(args.out), args.trials, overrides=overrides, storage=args.storage,
+                  study_name=args.study_name, seed=args.seed, heartbeat=args.heartbeat, pruner=args.pruner)
+    c, best = report["counts"], report["best"]
+    print(f"study {report['study']}: {report['trials']} trials, {c['complete']} complete, {c['pruned']} pruned, "
+          f"{c['failed']} failed" + (f"; best dev accuracy {best['value']:.2%} (trial {best['number']}), "
+                                     f"its config in {best['config']}" if best else ""))
+    print(f"wrote {args.out}/tune.md, tune.json and plots/")
+    return 0
+
+
+TUNE_EPILOG = """The search space is the config's `search:` section, keyed by the dotted paths of the overrides:
+
+  search:
+    stages.0.lr: {log_uniform: [1.0e-4, 3.0e-3]}
+    lora.dropout: {uniform: [0.0, 0.1]}
+    stages.1.epochs: {int: [1, 3]}          # also log_int
+    reft.rank: {choice: [2, 4, 8]}
+
+Without it: each stage's learning rate and each trained method's rank. Trials train on the training rows and
+are scored on the dev split (data.dev_size rows), never the evaluated split; OUT/best.yaml is the best config."""
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from heft.config.help_text import suite_epilog, train_epilog
 
@@ -249,6 +283,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    "for the old one when done")
     c.add_argument("--final-only", action="store_true", help="evaluate each run at the end of training only, not after "
                    "every epoch (faster for many epochs or large evaluation sets; no accuracy-vs-epoch table)")
+    c.add_argument("--tune", type=int, metavar="N", help="first tune every trained strategy on the dev split with N trials "
+                   "(heft tune, each method's default space, the suite's budgets), then compare their best configs")
+    c.add_argument("--tune-out", help="with --tune: the tune folders, the tuned suite.yaml and tuning.md "
+                   "(default: OUT-tune next to --out)")
+    c.add_argument("--storage", help="with --tune: the studies' shared storage, as for heft tune (default: a journal "
+                   "file in each tune folder)")
     t = sub.add_parser("train", help="train one run (a list of stages) and evaluate it",
                        description="Train one run: the stages of a run config, then the evaluation.",
                        epilog=train_help, formatter_class=raw)
@@ -291,6 +331,22 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     le.add_argument("--include-path", help="a folder of your own task YAMLs (read alone when it holds every task)")
     le.add_argument("--output", help="write lm-eval's results (with per-sample records) to this JSON file")
     le.add_argument("--allow-other-base", action="store_true", help="as for heft eval")
+    tu = sub.add_parser("tune", help="search a config's fields with Optuna on the dev split (pip install 'heft[tune]')",
+                        description="Run trials of an Optuna study over a run config's fields, each an ordinary run "
+                        "folder OUT/trial-K scored on the dev split, pruned at epoch ends. Start the same command on "
+                        "more machines with a shared --storage to add workers.", epilog=TUNE_EPILOG, formatter_class=raw)
+    tu.add_argument("--config", required=True, help="a run YAML with a `search:` section; fields can be overridden "
+                    "with --section.field value")
+    tu.add_argument("--trials", type=int, required=True, help="the study's total number of trials, over all its workers")
+    tu.add_argument("--out", required=True, help="tune folder: trial run folders, the report, best.yaml")
+    tu.add_argument("--storage", help="where the study lives, shared by its workers: journal:PATH (a file) or a database "
+                    "URL such as postgresql://USER:PASSWORD@HOST/DB (default: OUT/optuna.journal)")
+    tu.add_argument("--study-name", help="the study's name in the storage (default: the config file's name)")
+    tu.add_argument("--seed", type=int, default=0, help="seed of the sampler (default: 0)")
+    tu.add_argument("--pruner", choices=["median", "none"], default="median", help="stop a trial whose dev accuracy "
+                    "after an epoch is below the median of the trials before it at that epoch (default: median)")
+    tu.add_argument("--heartbeat", type=float, default=60.0, help="seconds between a worker's signs of life; a worker on "
+                    "another machine silent for 5 of them is taken as stopped and its trial retried (default: 60)")
     return p
 
 
@@ -301,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = _split_overrides(rest)
         handler = {"run": cmd_run, "compare": cmd_compare, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
-                   "push": cmd_push, "pull": cmd_pull, "lm-eval": cmd_lm_eval}[args.command]
+                   "push": cmd_push, "pull": cmd_pull, "lm-eval": cmd_lm_eval,
+                   "tune": cmd_tune}[args.command]
         code = handler(args, overrides)
         _leave_process_group(code, wait=True)
         return code

@@ -18,7 +18,7 @@ import logging
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ from heft.evaluation.generate import generate
 from heft.evaluation.yesno import score
 from heft.train.loop import StepLog, peak_memory, train_stage
 from heft.methods.model import decoder_layers, fingerprint, fingerprint_differences, hidden_size, load_model, unwrap
-from heft.run.records import Metrics, StageProgress, StageRecord
+from heft.run.records import EpochRecord, Metrics, StageProgress, StageRecord
 from heft.methods.reft import ReftModel, check_fits, no_decay_names
 from heft.run.folder import Output, RunFolder
 from heft.train.runtime import Runtime, is_main_process, make_runtime
@@ -199,18 +199,21 @@ class _Stages:
 
     def __init__(self, s: Session, cfg: RunConfig, run: RunFolder, tracker: RunTracker, evaluation: list[Example],
                  eval_rows: list[Encoded], train_rows: dict[int, list[Encoded]], cache: StageCache | None,
-                 source: str | None):
+                 source: str | None, on_eval: Callable[[EpochRecord], None] | None = None):
         self.s, self.cfg, self.run, self.tracker, self.evaluation = s, cfg, run, tracker, evaluation
         self.eval_rows, self.train_rows, self.cache, self.source = eval_rows, train_rows, cache, source
         self.records: list[StageRecord] = []
+        self.on_eval = on_eval
 
     def evaluate_now(self, i: int, stage: StageConfig | None, stage_epoch: float, progress: StageProgress | None) -> dict:
         """Evaluate the model as it is now (mid-stage: adapters not merged yet) and record the point."""
         was_training = self.s.top.training
         acc = accuracy(self.s.evaluate(self.evaluation, self.eval_rows))
         self.s.top.train(was_training)
-        self.tracker.record(i, stage, stage_epoch, progress, acc)
+        point = self.tracker.record(i, stage, stage_epoch, progress, acc)
         logger.info("%s after stage %d epoch %g: accuracy %.2f%%", self.cfg.label(), i, stage_epoch, 100 * acc["accuracy"])
+        if self.on_eval is not None:
+            self.on_eval(point)  # may raise to stop the run here (a pruned tuning trial); the folder stays resumable
         return acc
 
     def from_start(self, i: int, stage: StageConfig, start: Start) -> StageRecord:
@@ -298,13 +301,15 @@ class _Stages:
 
 
 def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: bool = False, start: Start | None = None,
-              cache: StageCache | None = None, name: str | None = None) -> Metrics:
+              cache: StageCache | None = None, name: str | None = None,
+              on_eval: Callable[[EpochRecord], None] | None = None) -> Metrics:
     """Train every stage of `cfg`, evaluate, and write the run folder `out`.
 
     With `resume`, a run folder of the same config continues: finished stages are loaded, the
     interrupted one continues from its latest checkpoint, a finished run is returned as it is.
     `start`: finished stages to begin with instead of training them (a study's stage cache);
-    `cache`: where to store the stage prefixes other strategies of the study start from.
+    `cache`: where to store the stage prefixes other strategies of the study start from; `on_eval`: told each
+    evaluation point during training (eval.every_epoch), and may raise to stop the run there (a pruned tuning trial).
     """
     folder = RunFolder(out)
     continuing = resume and folder.is_heft()
@@ -330,7 +335,7 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
             run.write_meta(_meta(cfg, s))
         s.rt.wait()
         tracker = RunTracker(run, cfg, cost.non_embedding_params(s.model), s.num_layers, s.reft_layers, s.rt.main)
-        stages = _Stages(s, cfg, run, tracker, splits.eval, eval_rows, train_rows, cache, name or cfg.label())
+        stages = _Stages(s, cfg, run, tracker, splits.eval, eval_rows, train_rows, cache, name or cfg.label(), on_eval)
         # ---- the stages
         every = cfg.eval.every_epoch
         for i, stage in enumerate(cfg.stages):

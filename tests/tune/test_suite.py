@@ -1,0 +1,51 @@
+"""`heft compare --tune N`: each trained strategy tuned on the dev split with the same N trials, then the seeds
+trained from the best configs and compared on the evaluated split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+optuna = pytest.importorskip("optuna")
+
+from conftest import tiny_config  # noqa: E402
+from heft.cli import main  # noqa: E402
+from heft.config.suite import read_suite  # noqa: E402
+from heft.run.folder import RunFolder  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_compare_tunes_every_strategy_with_the_same_trials_then_trains_the_best(tmp_path, tiny_model_dir, boolq_files):
+    common = tiny_config(tiny_model_dir, boolq_files, [], data={"train_size": 8})
+    common.pop("stages")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"common": common, "strategies": {
+        "base": [], "lora": [{"method": "lora", "epochs": 1, "lr": 1e-3}], "reft": [{"method": "reft", "epochs": 1, "lr": 1e-3}]}}))
+    out = tmp_path / "study"
+    assert main(["compare", "--config", str(suite), "--seeds", "0", "1", "--out", str(out), "--tune", "2"]) == 0
+    tuned = tmp_path / "study-tune"
+    assert sorted(p.name for p in tuned.iterdir()) == ["lora", "reft", "suite.yaml", "tuning.md"]
+    best = {}
+    for name in ("lora", "reft"):
+        report = json.loads((tuned / name / "tune.json").read_text())
+        assert report["study"] == f"study-{name}" and report["counts"]["complete"] == 2  # the same trials each
+        assert list(report["space"]) == ["stages.0.lr", "lora.r" if name == "lora" else "reft.rank"]
+        assert all(RunFolder(tuned / name / r["run"]).read_metrics().eval_split == "dev" for r in report["rows"])
+        best[name] = report["best"]
+    configs = read_suite(tuned / "suite.yaml", [])
+    assert configs["lora"].stages[0].lr == best["lora"]["values"]["stages.0.lr"]
+    assert configs["lora"].lora.r == best["lora"]["values"]["lora.r"]
+    assert configs["reft"].reft.rank == best["reft"]["values"]["reft.rank"]
+    assert configs["reft"].data.eval_split == "validation" and configs["base"].stages == ()
+    for seed in (0, 1):  # the seeds trained the best configs, scored on the evaluated split
+        run = RunFolder(out / f"seed-{seed}" / "lora")
+        assert run.read_config().stages[0].lr == best["lora"]["values"]["stages.0.lr"]
+        assert run.read_metrics().eval_split == "validation"
+    assert (out / "report.md").is_file()
+    summary = (tuned / "tuning.md").read_text()
+    assert f"| lora | `stages.0.lr` log_uniform [0.0001, 0.003], `lora.r` choice [4, 8, 16] | 2 / 0 / 0 | " \
+           f"{best['lora']['value']:.2%} |" in summary
