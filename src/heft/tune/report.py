@@ -7,10 +7,12 @@ dev accuracy against each searched value. Read from the study's storage, so any 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from heft.config.load import dump_yaml
+from heft.run import atomic
 from heft.run.records import Record
 from heft.tune.folder import TuneFolder
 from heft.tune.objective import Tuned
@@ -174,7 +176,9 @@ def draw(folder: TuneFolder, study: Any, tuned: Tuned, rows: list[TrialRow]) -> 
 
     def save(fig: Any, name: str, title: str) -> None:
         fig.tight_layout()
-        fig.savefig(folder.plots_dir / name, dpi=110)
+        tmp = atomic.atomic_file(folder.plots_dir / name)  # workers finishing together each write whole files
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, folder.plots_dir / name)
         plt.close(fig)
         made[title] = f"{folder.plots_dir.name}/{name}"
 
