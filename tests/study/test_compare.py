@@ -150,9 +150,11 @@ def test_flops_follow_the_documented_estimate(study):
     out, _ = study
     meta = json.loads((out / "seed-0" / "reft" / "meta.json").read_text())
     n = meta["non_embedding_params"]
-    for name in ("lora", "reft"):  # both reach layer 0: (2 + 2) N per token
-        m = json.loads((out / "seed-0" / name / "metrics.json").read_text())
-        assert m["train_flops"] == pytest.approx(4 * n * m["train_tokens"])
+    lora, reft = (json.loads((out / "seed-0" / name / "metrics.json").read_text()) for name in ("lora", "reft"))
+    assert lora["train_flops"] == pytest.approx(4 * n * lora["train_tokens"])  # LoRA on every layer: (2 + 2) N per token
+    # ReFT edits layer 0's output: its backward stops above layer 0, which the layer prefix bypasses after the first
+    # epoch (the exact arithmetic per path: tests/train/test_cost.py)
+    assert 2 * n * reft["train_tokens"] < reft["train_flops"] < 4 * n * reft["train_tokens"]
     assert cost.backward_fraction(2, 4) == 0.5 and cost.train_flops(10, 100, 0.5) == 3000
 
 

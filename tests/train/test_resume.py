@@ -23,11 +23,11 @@ from heft.methods import lora
 from heft.cli import main
 
 
-def _cfg(tiny_model_dir, boolq_files, tmp_path) -> Path:
+def _cfg(tiny_model_dir, boolq_files, tmp_path, **reft) -> Path:
     raw = tiny_config(tiny_model_dir, boolq_files,
                       [{"method": "lora", "epochs": 2, "lr": 1e-2, "batch_size": 2},
                        {"method": "reft", "epochs": 2, "lr": 1e-2, "batch_size": 2}],
-                      lora={"dropout": 0.1}, reft={"dropout": 0.1}, checkpoint_every=3)
+                      lora={"dropout": 0.1}, reft={"dropout": 0.1, **reft}, checkpoint_every=3)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -47,9 +47,21 @@ def reference(tiny_model_dir, boolq_files, tmp_path_factory):
     return cfg, tmp / "run"
 
 
-@pytest.mark.parametrize("kill_in", ["00-lora", "01-reft"])
-def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, kill_in):
-    cfg, ref = reference
+@pytest.fixture(scope="module")
+def token_prefix_reference(tiny_model_dir, boolq_files, tmp_path_factory):
+    """The same run with ReFT on the last 3 prompt positions only: its stage takes the token prefix, kept keys/values."""
+    tmp = tmp_path_factory.mktemp("token-prefix")
+    cfg = _cfg(tiny_model_dir, boolq_files, tmp, positions={"first": 0, "last": 3})
+    assert main(["train", "--config", str(cfg), "--out", str(tmp / "run")]) == 0
+    return cfg, tmp / "run"
+
+
+@pytest.mark.parametrize("kill_in", ["00-lora", "01-reft", "01-reft token prefix"])
+def test_sigkill_then_resume_is_bit_identical(request, tmp_path, kill_in):
+    """Killed after the stage's first checkpoint and resumed: also on the token prefix, whose kept keys/values the
+    resumed run computes again (in the same fixed groups, so to the same numbers)."""
+    cfg, ref = request.getfixturevalue("token_prefix_reference" if "token" in kill_in else "reference")
+    kill_in = kill_in.split()[0]
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "heft", "train", "--config", str(cfg), "--out", str(out)],

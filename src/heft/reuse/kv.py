@@ -3,7 +3,7 @@ be cut into rows and regrouped, and a cache rebuilt from rows kept separately.
 
 Two users: multiple-choice scoring (`heft.evaluation.choices`: a context's keys and values, repeated for each of its choices)
 and ReFT training (`heft.reuse.token_prefix`: the keys and values of the frozen tokens before the first edited one, kept
-per row across epochs and regrouped into each batch).
+per row across epochs and regrouped into each batch). `why_not_regroupable` says, in words, why a cache cannot be.
 """
 
 from __future__ import annotations
@@ -22,21 +22,27 @@ def cache_field() -> str:
 
 
 def regroupable(past: Any, longest: int) -> bool:
-    """Whether `past` is a keys/values cache whose batch rows can be repeated or regrouped, with every layer holding
-    its keys and values, and that keeps every position of a sequence of `longest` tokens (a sliding-window layer
-    shorter than that would drop some)."""
+    """Whether `past` is a keys/values cache whose batch rows can be repeated or regrouped (`why_not_regroupable`)."""
+    return why_not_regroupable(past, longest) is None
+
+
+def why_not_regroupable(past: Any, longest: int) -> str | None:
+    """None when `past` is a keys/values cache whose batch rows can be repeated or regrouped, with every layer
+    holding its keys and values, and that keeps every position of a sequence of `longest` tokens; else why not
+    (a sliding-window layer shorter than that would drop some)."""
     from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
     if not isinstance(past, Cache) or not getattr(past, "layers", None):
-        return False
-    for layer in past.layers:
-        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
-            return False  # quantized, static, linear-attention or indexed layers (subclasses too)
+        return f"the model returns {type(past).__name__}, not a cache of per-layer keys/values"
+    for i, layer in enumerate(past.layers):
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):  # subclasses too
+            return f"layer {i} holds a {type(layer).__name__} (quantized, static, linear-attention or indexed)"
         if getattr(layer, "keys", None) is None or getattr(layer, "values", None) is None:
-            return False  # a layer that shares another's keys/values (or never ran)
+            return f"layer {i} holds no keys/values of its own (it shares another layer's, or never ran)"
         if getattr(layer, "is_sliding", False) and longest >= layer.sliding_window - 1:
-            return False
-    return True
+            return (f"layer {i} attends through a sliding window of {layer.sliding_window} tokens, which would drop "
+                    f"positions of the longest row ({longest} tokens)")
+    return None
 
 
 def split_rows(past: Any, mask: torch.Tensor) -> list[torch.Tensor] | None:

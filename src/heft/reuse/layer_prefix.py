@@ -14,14 +14,16 @@ positions, per-layer attention kinds such as Gemma 3's sliding and global layers
 already stops at the lowest adapted layer, so what is saved is the lower layers' forward: by the arithmetic
 (forward about a third of a step) ~1.2x with the upper half adapted.
 
-Exact: the loss and the gradients equal the full path's within floating-point rounding (tests/test_layerprefix.py);
-each stage also checks this itself on its first batch (a full forward pass, and one bypassing the lower layers with
-that batch's own streams, without gradients) and takes the full path, saying why, if the bypass does not reproduce
-the model's logits (an architecture whose layers pass something else between them). The same modes and budget as the token prefix (heft.reuse.token_prefix): `cache` keeps
-the streams up to `prefix_cache_gb`, `recompute` runs the lower layers again (without gradients) every step.
+Exact: the loss and the gradients equal the full path's within floating-point rounding (tests/reuse/test_layer_prefix.py).
+Streams are computed in eval mode (no random numbers drawn) and kept in fixed groups (heft.reuse.kept), so a resumed
+run reads the same numbers as an uninterrupted one. The same modes and budget as the token prefix
+(heft.reuse.token_prefix): `cache` keeps the streams of the rows that fit in `prefix_cache_gb`, `recompute` runs the
+lower layers again (without gradients) every step.
 
-Taken only where it is exact and can run: every trained weight inside the decoder layers or ReFT's interventions,
-no active dropout below layer k (embeddings included), no FSDP, no compiled layers. A stage the token prefix
+`lowest_layer` says whether the shape of a stage allows it: every trained weight inside the decoder layers or ReFT's
+interventions, above layer 0. Whether it is taken is heft.reuse.plan's choice: not under FSDP, with compiled layers,
+or with dropout below layer k, and only once `check` has seen the bypass reproduce the model's logits on the stage's
+first batch (an architecture whose layers pass something else between them fails it). A stage the token prefix
 serves (ReFT on the last positions only) takes the token prefix, which saves far more.
 """
 
@@ -33,14 +35,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from heft.train import sharding
-from heft.methods.model import decoder_layers
-from heft.reuse.token_prefix import RowStore, active_dropout
-from heft.methods.reft import ReftModel
-from heft.train.runtime import Runtime, model_forward
 from heft.data.tokens import Encoded, train_batch
-
-CAPTURE_ROWS = 16  # rows per pass that fills the cache
+from heft.methods.model import decoder_layers
+from heft.methods.reft import ReftModel
+from heft.reuse.kept import RowStore, Step, frozen_pass, full_step, groups
+from heft.train.runtime import Runtime, model_forward
 
 
 class _Reached(Exception):
@@ -51,37 +50,42 @@ def _length(row: Encoded) -> int:
     return len(row.prompt_for(row.label)) + len(row.answers[row.label])
 
 
-def lowest_layer(model: nn.Module, trainable: list[tuple[str, nn.Parameter]],
-                 layers_path: str | None = None) -> tuple[int, str | None]:
-    """(k, None) where k > 0 is the first decoder layer whose computation training can change and the layers below
-    it can be bypassed exactly; (0, why not) otherwise."""
+def reach(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], layers_path: str | None = None
+          ) -> tuple[int, list[nn.Module] | None, str | None]:
+    """(r, decoder layers, None): r is the first decoder layer whose computation training can change (a layer
+    holding a trained weight, or the one above ReFT's lowest edit; the depth when ReFT edits only the last layer's
+    output), so gradients flow down to it and no further. (0, layers or None, why) when a trained weight sits
+    outside the decoder layers, or they cannot be found."""
     inner = getattr(model, "module", model)
     plain = inner.model if isinstance(inner, ReftModel) else inner
     try:
-        layers = decoder_layers(plain, layers_path)
+        layers = list(decoder_layers(plain, layers_path))
     except Exception as e:  # an architecture heft cannot map without model.layers_path
-        return 0, f"the decoder layers were not found ({e})"
+        return 0, None, f"the decoder layers were not found ({e})"
     where = {id(p): i for i, layer in enumerate(layers) for p in layer.parameters()}
     mine = {id(p) for p in inner.interventions.parameters()} if isinstance(inner, ReftModel) else set()
-    k = len(layers)
+    r = len(layers)
     if isinstance(inner, ReftModel):  # an edit on layer l's output: layers 0..l compute what they always did
-        k = min(inner.layer_ids) + 1
+        r = min(inner.layer_ids) + 1
     for name, p in trainable:
         if id(p) in mine:
             continue
         if id(p) not in where:
-            return 0, f"a trained weight is outside the decoder layers ({name})"
-        k = min(k, where[id(p)])
-    k = min(k, len(layers) - 1)  # ReFT on the last layer's output only: that layer still runs, unedited
+            return 0, layers, f"a trained weight is outside the decoder layers ({name})"
+        r = min(r, where[id(p)])
+    return r, layers, None
+
+
+def lowest_layer(model: nn.Module, trainable: list[tuple[str, nn.Parameter]],
+                 layers_path: str | None = None) -> tuple[int, str | None]:
+    """(k, None) where k > 0 is the first decoder layer whose computation training can change, so the layers below it
+    could be bypassed; (0, why not) when the stage's shape does not allow it."""
+    r, layers, why = reach(model, trainable, layers_path)
+    if why is not None:
+        return 0, why
+    k = min(r, len(layers) - 1)  # ReFT on the last layer's output only: that layer still runs, unedited
     if k <= 0:
         return 0, "the lowest decoder layer is adapted"
-    if sharding.is_sharded(model):
-        return 0, "the model is sharded with FSDP (every forward pass is a collective)"
-    if any(getattr(layer, "_compiled_call_impl", None) is not None for layer in layers):
-        return 0, "the decoder layers are compiled (model.compile: true), so they cannot be bypassed"
-    dropout = active_dropout(plain, skip={id(m) for layer in layers[k:] for m in layer.modules()})
-    if dropout is not None:
-        return 0, f"dropout is active below layer {k} ({dropout}); a kept stream would draw it once"
     return k, None
 
 
@@ -97,14 +101,12 @@ class FrozenLayers:
         self.layers = decoder_layers(self.plain, layers_path)
         self.k, self.rows, self.pad_id, self.rt, self.desc = k, rows, pad_id, rt, desc
         self.keep = keep
-        self.store = RowStore(budget_gb, desc, "layer cache")
+        lengths = [_length(r) for r in rows]
+        self.groups = groups(lengths)
+        self.group_of = {i: g for g, members in enumerate(self.groups) for i in members}
+        self.store = RowStore(budget_gb, desc, "layer cache", self.groups, lengths)
         self.returns: int | None = None  # layer k - 1's output: a tensor (None) or a tuple of this length
         self.checked = False
-        # Kept streams are captured in fixed groups of similar-length rows, never in the batch that first needs them:
-        # a row's stream, and so a resumed run, does not depend on which batch asked first.
-        by_length = sorted(range(len(rows)), key=lambda i: (_length(rows[i]), i))
-        self.groups = [by_length[j:j + CAPTURE_ROWS] for j in range(0, len(rows), CAPTURE_ROWS)]
-        self.group_of = {i: g for g, members in enumerate(self.groups) for i in members}
 
     def describe(self) -> str:
         which = "decoder layer 0 of {n} is" if self.k == 1 else "decoder layers 0..{k} of {n} are"
@@ -113,8 +115,9 @@ class FrozenLayers:
                else "run without gradients each step (frozen_prefix: recompute)")
         return which.format(k=self.k - 1, n=len(self.layers)) + " frozen and unedited: " + how
 
-    def _capture(self, idx: list[int]) -> dict[int, torch.Tensor]:
-        """The stream entering layer k for rows `idx`, one (tokens, d) tensor per row; layers k.. do not run."""
+    def capture(self, idx: list[int]) -> dict[int, torch.Tensor]:
+        """The stream entering layer k for rows `idx`, one (tokens, d) tensor per row, computed without gradients in
+        the model's present mode; layers k.. do not run."""
         batch = train_batch([self.rows[i] for i in idx], self.pad_id)
         grabbed: list[torch.Tensor] = []
 
@@ -142,17 +145,29 @@ class FrozenLayers:
         h, width = grabbed[0], grabbed[0].shape[1]
         return {i: h[b, width - _length(self.rows[i]):].clone() for b, i in enumerate(idx)}  # left-padded rows
 
+    def _frozen(self, idx: list[int]) -> dict[int, torch.Tensor]:
+        with frozen_pass(self.plain):
+            return self.capture(idx)
+
+    def _fill(self, g: int) -> dict[int, torch.Tensor]:
+        """Capture group g, fix the kept rows if this is the first capture, and keep the group's kept rows."""
+        fresh = self._frozen(self.groups[g])
+        some = next(iter(fresh.values()))
+        self.store.decide(some.shape[-1] * some.element_size())
+        self.store.keep(fresh)
+        return fresh
+
     def _streams(self, idx: list[int]) -> list[torch.Tensor]:
-        """Rows `idx`'s streams: kept ones, else their whole group's (the budget permitting), else just theirs."""
-        fresh: dict[int, torch.Tensor] = {}
-        if self.keep and not self.store.full:
-            for g in dict.fromkeys(self.group_of[i] for i in idx if i not in self.store):
-                fresh.update(self._capture(self.groups[g]))
-        need = [i for i in idx if i not in self.store and i not in fresh]
-        fresh.update(self._capture(need) if need else {})
-        if self.keep:
-            self.store.keep(fresh)
-        return [self.store[i] if i in self.store else fresh[i] for i in idx]
+        """Rows `idx`'s streams: kept rows' from the store (their group captured when first needed), the others
+        captured now, in this batch."""
+        if self.keep and self.store.kept is None:
+            self._fill(0)
+        kept = (self.store.kept or frozenset()) if self.keep else frozenset()
+        for g in dict.fromkeys(self.group_of[i] for i in idx if i in kept and i not in self.store):
+            self._fill(g)
+        need = [i for i in idx if i not in kept]
+        fresh = self._frozen(need) if need else {}
+        return [self.store[i] if i in kept else fresh[i] for i in idx]
 
     @contextlib.contextmanager
     def bypass(self, idx: list[int], width: int, streams: list[torch.Tensor] | None = None) -> Iterator[None]:
@@ -180,8 +195,12 @@ class FrozenLayers:
                 else:
                     layer.forward = before
 
+    def step(self, idx: list[int]) -> Step:
+        """Rows `idx` as one training micro-batch: the model's own forward, the layers below k bypassed."""
+        return full_step(self.rows, idx, self.pad_id, self.rt.device, lambda width: self.bypass(idx, width))
+
     def check(self, idx: list[int], batch: dict[str, torch.Tensor], keep: int) -> str | None:
-        """None when the bypass gives the model's own logits on this batch (no dropout, no gradients); else why not.
+        """None when the bypass gives the model's own logits on this batch (eval mode, no gradients); else why not.
         The streams are this batch's own, captured now: what is checked is that the layers pass nothing else
         between them, not how bf16 rounds a differently padded batch."""
         was = self.inner.training
@@ -189,12 +208,14 @@ class FrozenLayers:
         try:
             with torch.no_grad(), self.rt.autocast():
                 full = model_forward(self.inner, batch, keep).float()
-                own = self._capture(idx)
+                own = self.capture(idx)
                 with self.bypass(idx, batch["input_ids"].shape[1], [own[i] for i in idx]):
                     mine = model_forward(self.inner, batch, keep).float()
         finally:
             self.inner.train(was)
         self.checked = True
+        if self.keep:  # the kept rows follow from a token's size, the same in every pass
+            self.store.decide(own[idx[0]].shape[-1] * own[idx[0]].element_size())
         gap = float((mine - full).abs().max())
         if not gap <= 1e-3 * (1.0 + float(full.abs().max())):
             return (f"bypassing layers 0..{self.k - 1} changed the logits by up to {gap:.3g} on the first batch "

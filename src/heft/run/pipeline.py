@@ -251,7 +251,8 @@ class _Stages:
                                rt=s.rt, pad_id=s.tokenizer.pad_token_id, seed=cfg.seed + i, bucketing=cfg.length_bucketing,
                                log=log, checkpoints=run.checkpoints_dir(i, stage), checkpoint_every=cfg.checkpoint_every,
                                on_epoch_end=epoch_end, frozen_prefix=cfg.frozen_prefix,
-                               prefix_cache_gb=cfg.prefix_cache_gb, layers_path=cfg.model.layers_path)
+                               prefix_cache_gb=cfg.prefix_cache_gb, layers_path=cfg.model.layers_path,
+                               on_cost=lambda cost: self.tracker.set_stage_cost(i, cost))
         record = self._record(i, stage, n_params, progress, peak_memory(s.rt.device),
                               log.clipped / progress.optimizer_steps if progress.optimizer_steps else 0.0)
         tensors = _stage_tensors(s, stage)

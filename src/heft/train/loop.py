@@ -4,6 +4,7 @@
 
     setup        global batches, AdamW + schedule, accelerate's prepare (`_Setup`)
     resume       continue from the stage's latest checkpoint, bit-identically on CPU (`_resume`)
+    reuse        the path the stage runs, chosen once: full, token prefix or layer prefix (heft.reuse.plan)
     step         one micro-batch forward/backward, an optimizer step at grad_accum boundaries (`_micro_step`)
     logging      per-step records read from the device in one sync every `log_every` steps (`StepLog`)
     checkpoints  at epoch ends and every `checkpoint_every` steps (`Checkpointer`)
@@ -34,13 +35,12 @@ from heft.train import checkpoint
 from heft.run import atomic
 from heft.train import sharding
 from heft.config.schema import StageConfig
-from heft.data.tokens import BucketBatches, Encoded, train_batch
+from heft.data.tokens import BucketBatches, Encoded
 from heft.errors import HeftError
-from heft.reuse.layer_prefix import FrozenLayers, lowest_layer
-from heft.reuse.token_prefix import FrozenPrefix, why_not
+from heft.reuse import plan as reuse
+from heft.train.cost import StageCost
 from heft.run.records import StageProgress
-from heft.methods.reft import ReftModel
-from heft.train.runtime import Runtime, model_forward
+from heft.train.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -174,8 +174,7 @@ class _Setup:
     scheduler: Any
     batches: BucketBatches
     total_micro: int
-    prefix: FrozenPrefix | None = None
-    layers: FrozenLayers | None = None
+    plan: reuse.Plan | None = None
 
 
 def _setup(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], no_decay: set[str], rows: list[Encoded],
@@ -230,7 +229,7 @@ class Checkpointer:
 # ----------------------------------------------------------------------------- the loop
 
 
-def _micro_step(st: _Setup, rows: list[Encoded], idx: list[int], rt: Runtime, pad_id: int, grad_accum: int,
+def _micro_step(st: _Setup, rows: list[Encoded], idx: list[int], rt: Runtime, grad_accum: int,
                 boundary: bool) -> tuple[torch.Tensor, int]:
     """Forward and backward of this process's share of one global batch; (loss, tokens of the whole batch)."""
     world, rank = rt.num_processes, rt.process_index
@@ -239,30 +238,10 @@ def _micro_step(st: _Setup, rows: list[Encoded], idx: list[int], rt: Runtime, pa
     # of the gradients is then exactly the gradient of the global batch's mean loss.
     global_answer_tokens = sum(len(rows[i].answers[rows[i].label]) for part in shards for i in part)
     tokens = sum(len(rows[i].prompt) + len(rows[i].answers[rows[i].label]) for i in idx)
-    split = st.prefix.batch(shards[rank]) if st.prefix is not None else None
-    if st.prefix is not None and split is None:
-        logger.info("%s: full path from here on: %s", st.prefix.desc, st.prefix.failed)
-        st.prefix = None
-    bypass: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if split is None:
-        cpu_batch = train_batch([rows[i] for i in shards[rank]], pad_id)
-        keep = int(cpu_batch.pop("logits_to_keep"))
-        batch = {k: v.to(rt.device, non_blocking=True) for k, v in cpu_batch.items()}
-        if st.layers is not None and not st.layers.checked:
-            failed = st.layers.check(shards[rank], batch, keep)
-            if failed is not None:
-                logger.info("%s: every layer runs from here on: %s", st.layers.desc, failed)
-                st.layers = None
-        if st.layers is not None:  # layers below the lowest adapted one return the rows' kept streams (heft.reuse.layer_prefix)
-            bypass = st.layers.bypass(shards[rank], batch["input_ids"].shape[1])
-    with contextlib.nullcontext() if boundary else rt.accelerator.no_sync(st.model), bypass:
+    step = st.plan.step(shards[rank])  # the batch as the stage's path runs it (heft.reuse.plan)
+    with contextlib.nullcontext() if boundary else rt.accelerator.no_sync(st.model), step.hold:
         with rt.autocast():
-            if split is None:
-                logits, targets = model_forward(st.model, batch, keep), batch["targets"]
-            else:  # the edited tokens and the answer, after the frozen prefix's keys/values (heft.reuse.token_prefix)
-                kwargs, targets, keep = split
-                logits = st.model(**kwargs).logits
-            loss_sum = answer_loss(logits, targets, reduction="sum")
+            loss_sum = answer_loss(step.forward(st.model), step.targets, reduction="sum")
             loss = loss_sum * (world / global_answer_tokens)
         rt.accelerator.backward(loss / grad_accum)
     return loss.detach(), tokens
@@ -272,7 +251,8 @@ def train_stage(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], no_
                 stage: StageConfig, *, rt: Runtime, pad_id: int, seed: int, bucketing: bool, log: StepLog,
                 checkpoints: Path | None = None, checkpoint_every: int = 0,
                 on_epoch_end: Callable[[int, StageProgress], None] | None = None,
-                frozen_prefix: str = "cache", prefix_cache_gb: float = 4.0, layers_path: str | None = None) -> StageProgress:
+                frozen_prefix: str = "cache", prefix_cache_gb: float = 4.0, layers_path: str | None = None,
+                on_cost: Callable[[StageCost], None] | None = None) -> StageProgress:
     """Train `trainable` (everything else frozen) on `rows` for `stage.epochs` epochs.
 
     With `checkpoints`, a checkpoint is written every `checkpoint_every` optimizer steps (0: never
@@ -280,8 +260,9 @@ def train_stage(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], no_
     `on_epoch_end(epoch, progress)` runs after each whole epoch that ends on an optimizer step (then
     the state equals a shorter run's end), except the last. `frozen_prefix` (`cache` | `recompute` | `off`) and
     `prefix_cache_gb`: whether a ReFT stage that edits only the last prompt positions runs the tokens before them
-    without gradients (heft.reuse.token_prefix), and whether any other stage runs the frozen layers below its lowest adapted one
-    once per row (heft.reuse.layer_prefix; `layers_path` finds the decoder layers).
+    without gradients (heft.reuse.token_prefix), and whether any other stage runs the frozen layers below its lowest
+    adapted one once per row (heft.reuse.layer_prefix; `layers_path` finds the decoder layers); heft.reuse.plan
+    chooses once. `on_cost(cost)` hears what the chosen path runs per token (heft.train.cost), before the first step.
     """
     if not rows:
         raise HeftError("training data is empty: no rows to train on (check data.train_size and the data files)")
@@ -289,24 +270,11 @@ def train_stage(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], no_
     desc = log.desc
     st = _setup(model, trainable, no_decay, rows, stage, rt, seed, bucketing, desc)
     params = [p for _, p in st.trainable]
-    if frozen_prefix != "off":
-        keep_kv = frozen_prefix == "cache"
-        reft = isinstance(getattr(st.model, "module", st.model), ReftModel)
-        reason = why_not(st.model, st.trainable) if reft else None
-        if reft and reason is None:
-            st.prefix = FrozenPrefix(st.model, rows, pad_id, rt, keep=keep_kv, budget_gb=prefix_cache_gb, desc=desc)
-            logger.info("%s: %s", desc, st.prefix.describe())
-        else:
-            if reason is not None:
-                logger.info("%s: no frozen token prefix to reuse: %s", desc, reason)
-            k, why = lowest_layer(st.model, st.trainable, layers_path)
-            if why is None:
-                st.layers = FrozenLayers(st.model, k, rows, pad_id, rt, keep=keep_kv, budget_gb=prefix_cache_gb,
-                                         desc=desc, layers_path=layers_path)
-                logger.info("%s: %s", desc, st.layers.describe())
-            else:
-                logger.info("%s: no frozen lower layers to bypass, every layer runs each step: %s", desc, why)
     st.model.train()
+    st.plan = reuse.plan(st.model, st.trainable, rows, pad_id=pad_id, rt=rt, mode=frozen_prefix,
+                         budget_gb=prefix_cache_gb, layers_path=layers_path, desc=desc, first=st.batches.epoch(0)[0])
+    if on_cost is not None:
+        on_cost(st.plan.cost)
     torch.manual_seed(seed)  # dropout masks depend only on the seed
     done = _resume(checkpoints, st, desc)
     log.max_norm, log.last_loss, log.clipped = stage.max_grad_norm, done.last_loss, done.clipped
@@ -335,7 +303,7 @@ def train_stage(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], no_
                 ckpt.save(progress(micro), log)
             prev_epoch = epoch
             boundary = (micro + 1) % stage.grad_accum == 0 or micro + 1 == st.total_micro
-            loss, batch_tokens = _micro_step(st, rows, idx, rt, pad_id, stage.grad_accum, boundary)
+            loss, batch_tokens = _micro_step(st, rows, idx, rt, stage.grad_accum, boundary)
             tokens += batch_tokens
             micro_losses.append(loss)
             if boundary:
