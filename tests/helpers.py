@@ -132,3 +132,37 @@ class FakeRuntime(Runtime):
         if 1 - self.rank not in self.exchange:
             raise _Stop  # the first process to arrive: its share is recorded, the other one merges
         return self.exchange[0] + self.exchange[1]
+
+
+# A chat template in the fixture tokenizer's words: system, user and assistant turns end in a newline, and the
+# generation prompt ends in one too (the newline a raw-text path would move from the prompt into the answer).
+CHAT_TEMPLATE = ("{% for m in messages %}"
+                 "{% if m.role == 'system' %}Instruction : {{ m.content }}{{ '\\n' }}"
+                 "{% elif m.role == 'user' %}Question : {{ m.content }}{{ '\\n' }}"
+                 "{% else %}Answer :{{ '\\n' }}{{ m.content }}</s>{{ '\\n' }}{% endif %}"
+                 "{% endfor %}"
+                 "{% if add_generation_prompt %}Answer :{{ '\\n' }}{% endif %}")
+
+
+def chat_tokenizer(model_dir: Any) -> Any:
+    """The fixture tokenizer with `CHAT_TEMPLATE`, splitting at spaces only so that a newline is a token of its
+    own ("\\n" is in its vocabulary; the fixture's whitespace split drops it)."""
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(" ", "removed"), pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Punctuation()])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def chat_model_dir(model_dir: Any, folder: Any) -> Any:
+    """A copy of the tiny model folder whose tokenizer is `chat_tokenizer` (same vocabulary, same weights)."""
+    import shutil
+    from pathlib import Path
+
+    folder = Path(folder)
+    shutil.copytree(model_dir, folder)
+    chat_tokenizer(model_dir).save_pretrained(folder)
+    return folder

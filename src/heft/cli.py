@@ -4,7 +4,7 @@
     heft compare [--config FILE] --seeds 0 1 2 --out DIR   every strategy x seed, per-epoch evaluation, a report
     heft train --config FILE --out DIR [--a.b value ...]   one strategy, any model and BoolQ-format data
     heft eval DIR                                          reload a run folder and re-evaluate it
-    heft predict DIR --passage P --question Q              yes/no and its probability
+    heft predict DIR --passage P --question Q              yes/no and its probability (a chat run: its answer)
     heft lm-eval DIR --tasks boolq,arc_easy [--limit N]      lm-evaluation-harness tasks on a run (extra: lm-eval)
     heft tune --config FILE --trials N --out DIR [--storage URL]   Optuna search on the dev split, many workers (extra: tune)
 """
@@ -139,19 +139,20 @@ def cmd_eval(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
 def cmd_predict(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     if overrides:
         raise ConfigError("heft predict takes no overrides: it answers with the run exactly as it was configured")
-    from heft.data.rows import Example, parse_general, parse_row
-    from heft.run.pipeline import load_run
-
     if args.choices is not None and len(args.choices) < 2:
         raise ConfigError("--choices: give at least 2 answer texts")
-    from heft.hub import resolve
+    from heft.api import load
+    from heft.data.rows import Example, parse_row
 
-    s, cfg = load_run(resolve(args.run), allow_other_base=args.allow_other_base)
-    if args.choices or args.generate:  # a general prompt: scored choices, or greedy text
-        ex = parse_general({"prompt": args.question, "choices": args.choices, "label": 0} if args.choices else
-                           {"prompt": args.question, "completion": "-"}, "command line",
-                           "multiple_choice" if args.choices else "completion", "local")
-        pred = s.evaluate([ex])[0]
+    model, _ = load(args.run, allow_other_base=args.allow_other_base)
+    s, cfg, fmt = model.session, model.session.cfg, model.prompt
+    if args.system is not None:
+        if not fmt.chat:
+            raise ConfigError(f"--system: this run was trained on plain prompts (data.format: {cfg.data.format}), "
+                              "not chat messages; drop --system")
+        fmt = fmt.with_system(args.system)
+    if args.choices or args.generate or fmt.chat:  # a general prompt (a chat run's user turn): choices, or greedy text
+        pred = s.evaluate([fmt.row(args.question, args.choices, "command line")])[0]
         if _reports():
             if args.choices:
                 for c, ll in zip(args.choices, pred["lls"]):
@@ -305,11 +306,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    "from the one the run was trained on (its recorded fingerprint)")
     pr = sub.add_parser("predict", help="answer one question with a trained run (yes/no, choices, or generated text)")
     pr.add_argument("run", help="a finished run folder, or hf://USER/REPO")
-    pr.add_argument("--question", required=True, help="the question (BoolQ), or the whole prompt with --choices/--generate")
+    pr.add_argument("--question", required=True, help="the question (BoolQ), the whole prompt with --choices/--generate, "
+                    "or a chat run's user message (rendered with the run's chat template; generated unless --choices)")
     pr.add_argument("--passage", default=None, help="BoolQ runs trained with passages")
     pr.add_argument("--choices", nargs="+", help="score these answers after the prompt (` ` + choice, as lm-eval) and "
                     "mark the most likely")
     pr.add_argument("--generate", action="store_true", help="print the greedy continuation of the prompt")
+    pr.add_argument("--system", help="chat runs: the system message (default: the one the run's rows open with; "
+                    "\"\" for none)")
     pr.add_argument("--allow-other-base", action="store_true", help="as for heft eval")
     pu = sub.add_parser("push", help="upload a finished run folder to the Hugging Face Hub, with a model card")
     pu.add_argument("run", help="a finished run folder")
@@ -320,7 +324,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     pl.add_argument("out", help="a new or empty folder")
     le = sub.add_parser("lm-eval", help="evaluate a run with lm-evaluation-harness tasks (pip install 'heft[lm-eval]')",
                         description="Answer lm-evaluation-harness requests with a finished run (base model + LoRA + "
-                        "ReFT, the edits on each request's context only) and print lm-eval's table. The same model is "
+                        "ReFT, the edits on each request's context only; a chat run's prompts through its chat template, "
+                        "as it trained) and print lm-eval's table. The same model is "
                         "`--model heft --model_args run=DIR` in `python -m heft.lm_eval_bridge` (lm-eval's own CLI).")
     le.add_argument("run", help="a finished run folder, or hf://USER/REPO")
     le.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated (e.g. boolq,arc_easy)")

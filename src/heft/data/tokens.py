@@ -5,14 +5,20 @@ Batches are left-padded: the prompt and answer of every row end at the last posi
 loss needs the logits of only the last `max_answer_len + 1` positions, and scoring needs only the
 last one. Position ids are passed explicitly, so left padding changes nothing for absolute-position
 models either. `prompt_start` / `prompt_len` tell ReFT where each row's prompt is.
+
+A request made after training (`heft predict`, `heft.generate` / `heft.score`, the lm-eval bridge) gets the
+prompt the run trained and evaluated on: `PromptFormat.row` turns it into the row the run would have read
+(a chat run's user turn, with the system message its rows share), and the same `Encoder.encode` encodes it.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -55,26 +61,58 @@ class Encoder:
     def __init__(self, tokenizer: Any, fmt: str, max_length: int, first_from: str = "prompt"):
         self.tok, self.fmt, self.max_length, self.first_from = tokenizer, fmt, max_length, first_from
 
-    def _content_start(self, ex: Example, prompt: list[int]) -> int:
-        """How many prompt tokens come before the user's content: a chat template's leading tokens (up to the
-        first non-system message's text, from the tokenizer's offsets), else the special tokens (BOS) in front."""
+    def content_start(self, prompt: list[int]) -> int:
+        """Where ReFT's first group starts in a plain prompt: after the special tokens (BOS) in front with
+        first_from: content, else at 0. (A chat prompt's start comes from its template: `chat_prompt`.)"""
         if self.first_from != "content":
             return 0
-        if ex.messages:
-            turns = [{"role": r, "content": c} for r, c in ex.messages[:-1]]
-            text = self.tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-            content = next((c for r, c in ex.messages if r != "system"), "")
-            at = text.find(content) if content else -1
-            enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-            if at < 0 or list(enc["input_ids"]) != list(prompt):
-                raise DataError(f"{ex.source or ex.idx}: reft.positions.first_from: content cannot find the user's "
-                                "content in this chat template's tokens; use first_from: prompt")
-            return next(k for k, (a, b) in enumerate(enc["offset_mapping"]) if b > at)
         special = set(self.tok.all_special_ids)
         n = 0
         while n < len(prompt) - 1 and prompt[n] in special:
             n += 1
         return n
+
+    def chat_prompt(self, turns: Sequence[tuple[str, str]], where: str, continue_final: bool = False
+                    ) -> tuple[str, list[int], int]:
+        """A conversation as the model reads it before answering: the chat template's text with its generation
+        prompt, its ids (the template's own tokens, trailing whitespace included), and how many of them come
+        before the first non-system message's content (0 unless first_from: content). `continue_final`: the
+        last turn is the start of the assistant's answer, left open (lm-eval's gen_prefix)."""
+        if getattr(self.tok, "chat_template", None) is None:
+            raise DataError(f"{where}: data.format: chat needs a tokenizer with a chat template; this model's has none "
+                            "(use data.format: completion)")
+        kw = {"add_generation_prompt": not continue_final, "continue_final_message": continue_final}
+        text = self.tok.apply_chat_template(_dicts(turns), tokenize=False, **kw)
+        ids = list(self.tok.apply_chat_template(_dicts(turns), tokenize=True, return_dict=False, **kw))
+        return text, ids, self._turn_start(turns, text, ids, where) if self.first_from == "content" else 0
+
+    def _turn_start(self, turns: Sequence[tuple[str, str]], text: str, ids: list[int], where: str) -> int:
+        """How many of `ids` (the tokens of `text`) come before the first non-system message's content. Its place
+        in the template is where two renderings of the conversation up to that message, with one-letter contents
+        `a` and `b`, part; searching for its text instead would stop at an earlier occurrence (in the system
+        message)."""
+        fail = DataError(f"{where}: reft.positions.first_from: content cannot find the user's content in this chat "
+                         "template's tokens; use first_from: prompt")
+        k = next((i for i, (role, _) in enumerate(turns) if role != "system"), None)
+        if k is None:
+            raise fail
+        probes = [self.tok.apply_chat_template(_dicts([*turns[:k], (turns[k][0], letter)]), tokenize=False)
+                  for letter in "ab"]
+        at = len(os.path.commonprefix(probes))
+        content = turns[k][1]
+        if at == len(probes[0]) or text[:at] != probes[0][:at] or not (
+                text.startswith(content, at) or text.startswith(content.strip(), at)):  # templates may trim it
+            raise fail
+        try:
+            enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:  # a slow tokenizer has no offsets: count the tokens of the text in front
+            front = list(self.tok(text[:at], add_special_tokens=False)["input_ids"])
+            if ids[:len(front)] != front:
+                raise fail from None
+            return len(front)
+        if list(enc["input_ids"]) != ids:
+            raise fail
+        return next((n for n, (_, end) in enumerate(enc["offset_mapping"]) if end > at), len(ids) - 1)
 
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=True)["input_ids"]
@@ -96,25 +134,34 @@ class Encoder:
         whole = self._ids(context + continuation)
         return ctx, whole[len(ctx):]
 
-    def _chat(self, ex: Example, where: str) -> tuple[list[int], list[int]]:
-        turns = [{"role": r, "content": c} for r, c in ex.messages]
-        if getattr(self.tok, "chat_template", None) is None:
-            raise DataError(f"{where}: data.format: chat needs a tokenizer with a chat template; this model's has none "
-                            "(use data.format: completion)")
-        prompt = list(self.tok.apply_chat_template(turns[:-1], add_generation_prompt=True, tokenize=True, return_dict=False))
-        full = list(self.tok.apply_chat_template(turns, tokenize=True, return_dict=False))
+    def _chat(self, ex: Example, where: str) -> tuple[list[tuple[list[int], list[int]]], int]:
+        """A chat row's (prompt, answer) pairs and where its content starts. A training or evaluation row ends with
+        the assistant's answer; a request (`PromptFormat.row`) ends before it, with `choices` to score as the
+        answer, or nothing after the prompt (generation)."""
+        answered = ex.messages[-1][0] == "assistant"
+        history = ex.messages[:-1] if answered else ex.messages
+        _, prompt, start = self.chat_prompt(history, where)
+        if ex.choices:
+            answers = [self._chat_answer((*history, ("assistant", c)), prompt, where) for c in ex.choices]
+        else:
+            answers = [self._chat_answer(ex.messages, prompt, where) if answered else []]
+        return [(prompt, a) for a in answers], start
+
+    def _chat_answer(self, turns: Sequence[tuple[str, str]], prompt: list[int], where: str) -> list[int]:
+        """The ids of the last (assistant) turn: what the whole conversation's tokens add to the prompt's."""
+        full = list(self.tok.apply_chat_template(_dicts(turns), tokenize=True, return_dict=False))
         if full[:len(prompt)] != prompt or len(full) == len(prompt):
             raise DataError(f"{where}: the chat template renders the conversation without its prompt as a prefix; "
                             "heft cannot tell the answer tokens apart (use data.format: completion)")
-        return prompt, full[len(prompt):]
+        return full[len(prompt):]
 
     def _encode_general(self, ex: Example, where: str, training: bool) -> Encoded:
         """A rendered row: prompt and continuation ids as lm-eval makes them; a prompt that does not fit keeps its
         last tokens (as lm-eval does), a continuation that does not fit raises DataError. A generated answer is not
         read when evaluating, so then only the prompt has to fit."""
+        start = 0
         if ex.messages:
-            prompt, answer = self._chat(ex, where)
-            pairs = [(prompt, answer)]
+            pairs, start = self._chat(ex, where)
         elif ex.kind == "generate":
             prompt, answer = self._pair(ex.context or "", ex.delimiter + (ex.target or ""))
             eos = self.tok.eos_token_id
@@ -129,7 +176,9 @@ class Encoder:
                             f"allows after at least one prompt token; raise data.max_length to at least {longest + 1}")
         budget = self.max_length - longest
         truncated = any(len(p) > budget for p, _ in pairs)
-        skip = max(0, self._content_start(ex, pairs[0][0]) - max(0, len(pairs[0][0]) - budget))
+        if not ex.messages:
+            start = self.content_start(pairs[0][0])
+        skip = max(0, start - max(0, len(pairs[0][0]) - budget))  # the cut prompt's first tokens are gone
         prompts = [p[-budget:] for p, _ in pairs]
         answers = tuple(a for _, a in pairs)
         label = int(ex.label) if ex.kind == "choice" else 0
@@ -167,13 +216,111 @@ class Encoder:
                 budget -= len(ids) + longest - self.max_length  # re-tokenizing merged a few tokens differently
             answers = tuple(self._answer_ids(prompt, ids, a) for a in candidates(self.fmt))
             truncated = True
-        return Encoded(ids, answers, int(ex.label), truncated, content_start=self._content_start(ex, ids))
+        return Encoded(ids, answers, int(ex.label), truncated, content_start=self.content_start(ids))
 
 
 def encode_all(encoder: Encoder, rows: Sequence[Example], split_name: str) -> list[Encoded]:
     """Every row of one split encoded, before anything is written; the first row that cannot fit raises
     DataError naming its file and line (`Example.source`) and the split."""
     return [encoder.encode(ex, split_name) for ex in rows]
+
+
+def _dicts(turns: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"role": role, "content": content} for role, content in turns]
+
+
+# ----------------------------------------------------------------------------- requests after training
+
+Request = str | Sequence[Mapping[str, str]]
+"""A prompt as text, or a conversation: a list of {role, content} messages, ending before the assistant's answer."""
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """What a run's prompts are made of beyond its config: for `data.format: chat`, the system message its rows
+    open with. Recorded in the run folder (meta.json `prompt`) so that a request after training gets the prompt
+    the run trained and evaluated on."""
+
+    format: str = "boolq"
+    """`data.format`: `chat` renders every prompt with the tokenizer's chat template."""
+    system: str | None = None
+    """The system message every chat row of the run opens with; None: they open with none."""
+    mixed_system: bool = False
+    """The run's chat rows open with different system messages (or only some with one): a request gives its own."""
+
+    @property
+    def chat(self) -> bool:
+        return self.format == "chat"
+
+    @classmethod
+    def of_rows(cls, fmt: str, rows: Sequence[Example]) -> PromptFormat:
+        """The format of a run with data.format `fmt` that reads `rows` (training, dev and evaluation)."""
+        if fmt != "chat":
+            return cls(fmt)
+        systems = {r.messages[0][1] if r.messages[0][0] == "system" else None for r in rows if r.messages}
+        if len(systems) > 1:
+            return cls(fmt, mixed_system=True)
+        return cls(fmt, system=next(iter(systems), None))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": self.format, "system": self.system, "mixed_system": self.mixed_system}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> PromptFormat:
+        return cls(raw["format"], raw.get("system"), bool(raw.get("mixed_system", False)))
+
+    def with_system(self, system: str) -> PromptFormat:
+        """This format with the system message `system` (empty: none) for requests that give none."""
+        return replace(self, system=system or None, mixed_system=False)
+
+    def conversation(self, messages: Sequence[Mapping[str, str]], where: str) -> tuple[tuple[str, str], ...]:
+        """`messages` checked, as (role, content) turns, opening with the run's system message if they give none."""
+        if not self.chat:
+            raise DataError(f"{where}: chat messages, but this run was trained on plain prompts (data.format: "
+                            f"{self.format}); give the prompt as text")
+        if isinstance(messages, (str, Mapping)) or not messages:
+            raise DataError(f"{where}: messages must be a non-empty list of {{role, content}} turns, got {messages!r}")
+        turns = []
+        for k, m in enumerate(messages):
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: messages[{k}] must be {{role: text, content: text}}, got {m!r}")
+            turns.append((m["role"], m["content"]))
+        if all(role == "system" for role, _ in turns):
+            raise DataError(f"{where}: the messages hold no user turn; add the user's message")
+        if turns[0][0] != "system":
+            if self.mixed_system:
+                raise DataError(f"{where}: this run's chat rows open with different system messages, so none is "
+                                "implied; give one (a system turn first, or heft predict --system TEXT)")
+            if self.system is not None:
+                turns.insert(0, ("system", self.system))
+        return tuple(turns)
+
+    def row(self, request: Request, choices: Sequence[str] | None = None, where: str = "request") -> Example:
+        """The row the run would read for `request`: a chat run's text is the user's turn of a conversation; other
+        runs take the text as the whole prompt (scored choices follow it after a space, as lm-eval; generation
+        continues it). `Encoder.encode` of this row is the run's own encoding."""
+        common: dict[str, Any] = {"question": "", "passage": "", "label": 0, "idx": 0, "source": where,
+                                  "task": "request"}
+        if isinstance(request, str):
+            if not request.strip():
+                raise DataError(f"{where}: the prompt must be non-empty text, got {request!r}")
+            if not self.chat:
+                if choices is not None:
+                    return Example(**common, context=request, choices=tuple(choices))
+                return Example(**common, context=request, target="", gold="", delimiter="")
+            request = [{"role": "user", "content": request}]
+        turns = self.conversation(request, where)
+        if turns[-1][0] == "assistant":
+            raise DataError(f"{where}: the last message is the assistant's; end the messages with the turn it answers "
+                            "(heft adds the template's generation prompt)")
+        return Example(**common, messages=turns, choices=tuple(choices or ()), delimiter="")
+
+
+def encode_request(encoder: Encoder, fmt: PromptFormat, request: Request, choices: Sequence[str] | None = None,
+                   where: str = "request") -> Encoded:
+    """The exact encoded prompt (template, system message, content start) a run with `fmt` trained and evaluated
+    on, for one request: text or chat messages, with `choices` to score after it or none (generation)."""
+    return encoder.encode(fmt.row(request, choices, where))
 
 
 # ----------------------------------------------------------------------------- batches

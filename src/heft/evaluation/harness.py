@@ -26,6 +26,12 @@ model would get silently wrong scores. Here every request is one heft row:
 - `loglikelihood_rolling`: lm-eval's token windows over the document; base and LoRA-only runs only, since
   a whole document has no prompt for ReFT's positions.
 
+A chat run (`data.format: chat`) is evaluated on the prompts it trained on: `heft lm-eval` turns on lm-eval's
+`apply_chat_template`, and `apply_chat_template` renders each conversation as heft's own evaluation does
+(`heft.data.tokens`: the system message the run's rows share when lm-eval gives none, ReFT's first group from the
+first non-system message's content). A context rendered there keeps the template's own ids, trailing whitespace
+included: it is not split as lm-eval splits plain text.
+
 One process: the requests are not split between processes.
 """
 
@@ -44,7 +50,6 @@ from lm_eval.api.registry import model_registry, register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from heft.evaluation.choices import log_norm, score_choices
-from heft.data.rows import Example
 from heft.errors import ConfigError, DataError
 from heft.train.runtime import model_forward
 from heft.data.tokens import Encoded, prompt_batch
@@ -105,6 +110,9 @@ class HeftLM(LM):
         self.max_length = (_positive_int(max_length, "max_length") if max_length is not None
                            else model_max_length(self.session.model.config, self.tokenizer))
         self.encoder = self.session.encoder()
+        self.prompt = self.model.prompt
+        self._chats: dict[str, tuple[list[int], int]] = {}  # text apply_chat_template returned -> (ids, content start)
+        self._told_plain = False
         self._device = self.rt.device
 
     # ------------------------------------------------------------------ tokens
@@ -119,19 +127,35 @@ class HeftLM(LM):
         tok = self.tokenizer
         return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
-    def _content_start(self, prompt: list[int]) -> int:
-        """Prompt tokens before the content (reft.positions.first_from: content): the special tokens in front."""
-        return self.encoder._content_start(Example("", "", 0, 0, context=""), prompt)
-
-    def _fit(self, prompt: list[int], budget: int) -> tuple[list[int], int]:
-        """The last `budget` prompt tokens and where ReFT's first group starts in them."""
-        skip = self._content_start(prompt)
+    def _fit(self, prompt: list[int], budget: int, start: int | None = None) -> tuple[list[int], int]:
+        """The last `budget` prompt tokens and where ReFT's first group starts in them (`start` in the whole prompt;
+        None: after the special tokens in front, with first_from: content)."""
+        skip = self.encoder.content_start(prompt) if start is None else start
         cut = max(0, len(prompt) - budget)
         return prompt[cut:], max(0, skip - cut)
 
+    def _context(self, context: str, where: str) -> tuple[list[int], int] | None:
+        """A chat context's ids and content start, if `apply_chat_template` rendered it; None for plain text (a chat
+        run says once that it was trained on its template)."""
+        if context in self._chats:
+            return self._chats[context]
+        if self.prompt.chat and context and not self._told_plain:
+            self._told_plain = True
+            logger.warning("%s: this run was trained on chat prompts (data.format: chat), but lm-eval sent a context "
+                           "without its chat template; pass --apply_chat_template (heft lm-eval does) to evaluate it "
+                           "on the prompts it trained on", where)
+        return None
+
     def encode_request(self, context: str, continuation: str, where: str = "request") -> Encoded:
         """One loglikelihood request as a heft row: the context is the prompt, the continuation its one answer."""
-        if context == "":
+        chat = self._context(context, where)
+        start = None
+        if chat is not None:  # the template's ids as they are; the continuation is what its text adds to them
+            ctx, start = chat
+            whole = self.tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+            cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else \
+                self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        elif context == "":
             cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
             prefix = self.prefix_token_id
             ctx, cont = (cont[:1], cont[1:]) if cont and cont[0] == prefix else ([prefix], cont)
@@ -143,7 +167,7 @@ class HeftLM(LM):
         if len(cont) + 1 > self.max_length:
             raise DataError(f"{where}: the continuation needs {len(cont)} tokens, more than max_length={self.max_length} "
                             f"allows after one context token; pass --model_args max_length={len(cont) + 1} or more")
-        prompt, skip = self._fit(ctx, self.max_length - len(cont))
+        prompt, skip = self._fit(ctx, self.max_length - len(cont), start)
         return Encoded(prompt, (cont,), 0, len(prompt) < len(ctx), content_start=skip)
 
     # ------------------------------------------------------------------ lm-eval's three requests
@@ -236,8 +260,9 @@ class HeftLM(LM):
                                   f"in max_length={self.max_length}; lower max_gen_toks or raise model_args max_length")
             rows = []
             for i in idx:
-                ids = self.tokenizer(requests[i].args[0])["input_ids"]
-                prompt, skip = self._fit(ids, self.max_length - max_gen)
+                context = requests[i].args[0]
+                ids, start = self._context(context, _where(requests[i])) or (self.tokenizer(context)["input_ids"], None)
+                prompt, skip = self._fit(ids, self.max_length - max_gen, start)
                 rows.append(Encoded(prompt, (), 0, len(prompt) < len(ids), content_start=skip))
             stops = sorted({s for i in idx for s in settings[i]["until"]})
             if sampling:
@@ -278,9 +303,17 @@ class HeftLM(LM):
         return getattr(self.tokenizer, "chat_template", None) or ""
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The conversation rendered as text by the tokenizer's template (with ReFT, first_from: content skips only
-        the special tokens in front of that text, not the template's header)."""
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
+        """The conversation rendered as text by the tokenizer's template. For a chat run it is the run's own prompt
+        (see the module docstring), remembered with its ids; without `add_generation_prompt` the last (assistant)
+        turn is left open, as lm-eval's `hf` model does."""
+        if not self.prompt.chat:
+            return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        where = "lm-eval chat prompt"
+        text, ids, start = self.encoder.chat_prompt(self.prompt.conversation(chat_history, where), where,
+                                                    continue_final=not add_generation_prompt)
+        self._chats[text] = (ids, start)
+        return text
 
 
 def _generation_settings(gen: dict[str, Any], where: str) -> dict[str, Any]:
@@ -338,13 +371,18 @@ def task_manager(tasks: list[str], include_path: str | Path | None = None) -> An
 
 
 def evaluate(lm: HeftLM, tasks: list[str], *, limit: float | None = None, include_path: str | Path | None = None,
-             num_fewshot: int | None = None, manager: Any = None) -> dict[str, Any]:
-    """lm-eval's `simple_evaluate` of `tasks` with a heft model; per-sample records are kept in `samples`."""
+             num_fewshot: int | None = None, manager: Any = None, apply_chat_template: bool | None = None
+             ) -> dict[str, Any]:
+    """lm-eval's `simple_evaluate` of `tasks` with a heft model; per-sample records are kept in `samples`. Prompts go
+    through the chat template when `apply_chat_template` says so; None: when the run is a chat run."""
     import lm_eval
 
     manager = manager if manager is not None else task_manager(tasks, include_path)
+    chat = lm.prompt.chat if apply_chat_template is None else apply_chat_template
+    if chat and apply_chat_template is None:
+        logger.info("a chat run: lm-eval's prompts go through its chat template, as it trained")
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
-                                      task_manager=manager, log_samples=True)
+                                      task_manager=manager, log_samples=True, apply_chat_template=chat)
     assert results is not None  # one process: rank 0
     return results
 

@@ -40,7 +40,7 @@ from heft.methods.reft import ReftModel, check_fits, no_decay_names
 from heft.run.folder import Output, RunFolder
 from heft.train.runtime import Runtime, is_main_process, make_runtime
 from heft.reuse.stage_cache import Start, StageCache, copy_stage_files
-from heft.data.tokens import Encoded, Encoder, encode_all
+from heft.data.tokens import Encoded, Encoder, PromptFormat, encode_all
 from heft.train.cost import RunTracker
 
 logger = logging.getLogger(__name__)
@@ -333,7 +333,8 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
         if s.rt.main and not continuing:
             output.begin()
             run.write_config(cfg)
-            run.write_meta(_meta(cfg, s))
+            prompt = PromptFormat.of_rows(cfg.data.format, splits.train + splits.dev + splits.eval)  # for predict & co
+            run.write_meta({**_meta(cfg, s), "prompt": prompt.to_json()})
         s.rt.wait()
         tracker = RunTracker(run, cfg, cost.non_embedding_params(s.model), s.num_layers, s.reft_layers, s.rt.main)
         stages = _Stages(s, cfg, run, tracker, splits.eval, eval_rows, train_rows, cache, name or cfg.label(), on_eval)
