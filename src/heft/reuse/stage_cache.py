@@ -6,15 +6,21 @@ is LoRA-only's state after its first epoch. More generally, two strategies whose
 are identical share them, and the state at the end of a whole stage is a prefix whatever the
 schedule.
 
-The cache is keyed by everything a stage prefix's result depends on: model, training data, LoRA and
+The cache is keyed by everything a stage prefix's result depends on: model, data settings, LoRA and
 ReFT settings, seed, precision, batching, the number of processes, whether a ReFT stage reuses the
-frozen prefix, and the prefix's stages (their folder names aside, the last one cut at the epoch
-reached). It stores only what another strategy of the same study will start from (`wanted`), so
+frozen prefix, the prefix's stages (their folder names aside, the last one cut at the epoch
+reached: `prefix_key`). An entry also records the fingerprint of the training rows it was trained on,
+and serves only runs on the same rows: an edited data file never finds a prefix trained on the old
+rows (nor does an entry written before heft recorded it), and the entry is trained again and
+replaced. It stores only what another strategy of the same study will start from (`wanted`), so
 nothing is saved for nobody. An entry holds the prefix's stage files (adapters), their records,
 training logs and per-epoch evaluations, so the run that starts from it is as complete as if it had
 trained those stages itself.
 
-    stage-cache/KEY/entry.json          source, stage records, evaluation signature
+`StageCache` plans the study (which prefixes are wanted, which strategy trains first); `RunCache` is
+the cache as one run sees it: the stages it takes (`take`) and the prefixes it stores (`store`).
+
+    stage-cache/KEY/entry.json          source, stage records, training rows' fingerprint, evaluation signature
     stage-cache/KEY/stage-J/            stage J's adapter files (as in a run folder's stage folder)
     stage-cache/KEY/stage-J/train_log.jsonl
     stage-cache/KEY/epochs.jsonl        the prefix's per-epoch evaluations (reused only for the same evaluation setup)
@@ -32,10 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from heft.run import atomic
-from heft.config.schema import RunConfig
 from heft.config.load import to_dict
-from heft.run.records import EpochRecord, StageRecord
+from heft.config.schema import RunConfig, StageConfig
+from heft.run import atomic
+from heft.run.folder import RunFolder
+from heft.run.records import DataFingerprint, EpochRecord, StageRecord
+from heft.train.cost import RunTracker
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +86,10 @@ def prefix_key(cfg: RunConfig, count: int, epochs: float) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def eval_signature(cfg: RunConfig) -> str:
-    """What a per-epoch evaluation depends on besides the weights."""
-    what = {"data": to_dict(cfg.data), "eval": to_dict(dataclasses.replace(cfg.eval, every_epoch=True))}
+def eval_signature(cfg: RunConfig, data: DataFingerprint) -> str:
+    """What a per-epoch evaluation depends on besides the weights: the settings and the evaluation rows."""
+    what = {"data": to_dict(cfg.data), "eval": to_dict(dataclasses.replace(cfg.eval, every_epoch=True)),
+            "eval_rows": data.eval}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -116,40 +125,102 @@ class StageCache:
         gives = {n: len((produces(c) & self.wanted) - {k for _, k in starts(c)}) for n, c in configs.items()}
         return sorted(configs, key=lambda n: -gives[n])
 
-    def wants(self, cfg: RunConfig, count: int, epochs: float) -> bool:
-        key = prefix_key(cfg, count, epochs)
-        return key in self.wanted and not (self.folder / key / "entry.json").is_file()
+    def planned_starts(self, configs: dict[str, RunConfig]) -> dict[str, int]:
+        """For each strategy, how many of its first stages it will take from the cache, trained in `order`."""
+        ready: set[str] = set()
+        planned = {}
+        for name in self.order(configs):
+            planned[name] = next((count for count, key in starts(configs[name]) if key in ready), 0)
+            ready |= produces(configs[name]) & self.wanted
+        return planned
 
-    def store(self, cfg: RunConfig, source: str, count: int, epochs: float, earlier: list[Path],
-              write_last: Callable[[Path], None], records: list[StageRecord], logs: list[list[dict[str, Any]]],
-              evals: list[EpochRecord]) -> None:
-        """Save a prefix: copies of its earlier stages' files (`earlier`: their stage folders), the last stage's
-        files (written into the folder given to `write_last`), their records, logs and evaluations."""
-        key = prefix_key(cfg, count, epochs)
-        with atomic.atomic_dir(self.folder / key) as tmp:
-            for j, files in enumerate(earlier):
-                copy_stage_files(files, tmp / f"stage-{j}")
-            write_last(tmp / f"stage-{count - 1}")
+    def for_run(self, cfg: RunConfig, name: str, data: DataFingerprint) -> "RunCache":
+        """The cache as the run of strategy `name` sees it, training on the rows `data` fingerprints."""
+        return RunCache(self, cfg, name, data)
+
+    def read_entry(self, key: str, data: DataFingerprint) -> dict[str, Any] | None:
+        """entry.json of prefix `key`, if it is stored and was trained on the training rows of `data`."""
+        path = self.folder / key / "entry.json"
+        raw = atomic.read_json(path) if path.is_file() else None
+        return raw if raw is not None and raw.get("train_rows") == data.train else None
+
+
+class RunCache:
+    """The stage cache as one run of a study sees it: the finished stages it starts from (`start`, `take`) and
+    the prefixes it stores for the study's other strategies (`wants`, `store`)."""
+
+    def __init__(self, cache: StageCache, cfg: RunConfig, name: str, data: DataFingerprint):
+        self.cache, self.cfg, self.name, self.data = cache, cfg, name, data
+        self.start = self._longest_start()
+
+    def _longest_start(self) -> Start | None:
+        """The longest cached prefix of whole stages of the config, if any."""
+        for _, key in starts(self.cfg):
+            raw, entry = self.cache.read_entry(key, self.data), self.cache.folder / key
+            if raw is None:
+                continue
+            stages = [CachedStage(entry / f"stage-{j}", StageRecord.from_json(r), atomic.read_jsonl(entry / f"stage-{j}" / "train_log.jsonl"))
+                      for j, r in enumerate(raw["stages"])]
+            evals = ([EpochRecord.from_json(e) for e in atomic.read_jsonl(entry / "epochs.jsonl")]
+                     if raw["eval_signature"] == eval_signature(self.cfg, self.data) else [])
+            return Start(stages, evals, raw["source"])
+        return None
+
+    def has(self, i: int) -> bool:
+        """Stage i is taken from the cache, not trained."""
+        return self.start is not None and i < len(self.start.stages)
+
+    def files(self, i: int) -> Path:
+        """The cached stage i's adapter files, to apply to the model."""
+        assert self.start is not None
+        return self.start.stages[i].files
+
+    def take(self, i: int, stage: StageConfig, run: RunFolder, tracker: RunTracker, main: bool) -> StageRecord:
+        """Write cached stage i into `run` as if it had trained there: files, log, record, and (with per-epoch
+        evaluation) the source's evaluations of it, which are this run's too (same weights, same setup)."""
+        assert self.start is not None
+        start, cached = self.start, self.start.stages[i]
+        record = StageRecord.from_json({**cached.record.to_json(), "reused_from": start.source, "peak_memory": None})
+        last = i == len(self.cfg.stages) - 1
+        if main:
+            copy_stage_files(cached.files, run.stage_dir(i, stage))
+            run.write_train_log(i, stage, cached.train_log)
+            tracker.log_steps(cached.train_log)
+            if self.cfg.eval.every_epoch:
+                for rec in start.evals:
+                    if rec.stage == i and not (last and rec.stage_epoch >= record.epochs):  # the final one is the run's own
+                        tracker.copy(rec, start.source)
+            run.write_stage(i, stage, record)
+        logger.info("stage %d (%s): taken from %s", i, stage.method, start.source)
+        return record
+
+    def wants(self, count: int, epochs: float) -> bool:
+        """Another strategy starts from the first `count` stages (the last one at `epochs`), not stored yet."""
+        key = prefix_key(self.cfg, count, epochs)
+        return key in self.cache.wanted and self.cache.read_entry(key, self.data) is None
+
+    def store(self, i: int, epoch: float, run: RunFolder, records: list[StageRecord], steps: int,
+              write_last: Callable[[Path], None]) -> None:
+        """Save stages 0..i, stage i at `epoch` after `steps` optimizer steps: copies of the earlier stages' files
+        from `run`, stage i's files (written by `write_last` into the folder it is given), the stages' records,
+        logs and the evaluations up to that point."""
+        stages, stage = self.cfg.stages, self.cfg.stages[i]
+        whole = epoch == stage.epochs
+        source = f"{self.name} (epoch {epoch:g} snapshot)" if not whole and i == 0 else \
+            f"{self.name} (stages 0-{i}{'' if whole else f', epoch {epoch:g} snapshot'})"
+        logs = [run.read_train_log(j, stages[j]) for j in range(i)] + [run.read_train_log(i, stage, steps)]
+        evals = [r for r in run.read_epochs() if r.stage < i or (r.stage == i and r.stage_epoch <= epoch)]
+        with atomic.atomic_dir(self.cache.folder / prefix_key(self.cfg, i + 1, epoch)) as tmp:
+            for j in range(i):
+                copy_stage_files(run.stage_dir(j, stages[j]), tmp / f"stage-{j}")
+            write_last(tmp / f"stage-{i}")
             for j, log in enumerate(logs):
                 atomic.write_jsonl(tmp / f"stage-{j}" / "train_log.jsonl", log)
             atomic.write_jsonl(tmp / "epochs.jsonl", [e.to_json() for e in evals])
             atomic.write_json(tmp / "entry.json", {"source": source, "stages": [r.to_json() for r in records],
-                                               "eval_signature": eval_signature(cfg)})
+                                                   "train_rows": self.data.train,
+                                                   "eval_signature": eval_signature(self.cfg, self.data)})
         logger.info("stage cache: stored %s for other strategies", source)
-
-    def start_for(self, cfg: RunConfig) -> Start | None:
-        """The longest cached prefix of whole stages of `cfg`, if any."""
-        for count, key in starts(cfg):
-            entry = self.folder / key
-            if not (entry / "entry.json").is_file():
-                continue
-            raw = atomic.read_json(entry / "entry.json")
-            stages = [CachedStage(entry / f"stage-{j}", StageRecord.from_json(r), atomic.read_jsonl(entry / f"stage-{j}" / "train_log.jsonl"))
-                      for j, r in enumerate(raw["stages"])]
-            evals = ([EpochRecord.from_json(e) for e in atomic.read_jsonl(entry / "epochs.jsonl")]
-                     if raw["eval_signature"] == eval_signature(cfg) else [])
-            return Start(stages, evals, raw["source"])
-        return None
 
 
 def copy_stage_files(src: Path, dest: Path) -> None:

@@ -3,7 +3,8 @@
 Run folder (`heft train`, and each strategy x seed of `heft run` / `heft compare`):
 
     OUT/config.yaml            resolved configuration
-    OUT/meta.json              heft/torch/transformers versions, base model id and fingerprint, device, precision
+    OUT/meta.json              heft/torch/transformers versions, base model id and fingerprint, device, precision,
+                               the fingerprint of the rows trained on and evaluated on (`data_fingerprint`)
     OUT/stages/00-lora/adapter/{adapter_config.json, adapter_model.safetensors}   PEFT format
     OUT/stages/01-reft/{reft_config.json, reft.safetensors}
     OUT/stages/NN-*/{stage.json, train_log.jsonl}
@@ -29,6 +30,7 @@ anything is written, and, with --overwrite, a swap at the very end.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -36,12 +38,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from heft.run import atomic
-from heft.config.schema import RunConfig, StageConfig
+from heft.config.schema import DataConfig, RunConfig, StageConfig
 from heft.config.load import dump_yaml, load
 from heft.errors import CheckpointError, ConfigError
 from heft.run.lock import FolderLock
-from heft.run.records import EpochRecord, Metrics, StageRecord
+from heft.run.records import DataFingerprint, EpochRecord, Metrics, StageRecord
 from heft.study.report_records import Report
+
+logger = logging.getLogger(__name__)
 
 
 def stage_dir_name(index: int, stage: StageConfig) -> str:
@@ -133,6 +137,28 @@ class RunFolder:
     def write_meta(self, meta: dict[str, Any]) -> None:
         atomic.write_json(self.meta_path, meta)
 
+    def read_data_fingerprint(self) -> DataFingerprint | None:
+        """The rows the run trained on and was evaluated on; None for a folder written before heft recorded them."""
+        raw = self.read_meta().get("data_fingerprint")
+        return DataFingerprint.from_json(raw) if raw is not None else None
+
+    def require_same_data(self, now: DataFingerprint, data: DataConfig, doing: str) -> None:
+        """Refuse to go on with this run (`doing`: "resume", "reuse") when the rows `data` gives now differ from
+        the ones it trained on or was evaluated on: a resume would mix the two, a reuse would report the old
+        ones. A folder without a recorded fingerprint goes on, with a warning."""
+        then = self.read_data_fingerprint()
+        if then is None:
+            logger.warning("%s: written before heft recorded the fingerprint of its data, so its rows cannot be "
+                           "checked against %s; going on as if they were the same (pass --overwrite if the data "
+                           "changed)", self.path, _data_source(data, "train"))
+            return
+        differ = then.differences(now)
+        if differ:
+            what = "; ".join(f"the {'training' if part == 'train' else 'evaluation'} rows of {_data_source(data, part)} "
+                             f"differ from the run's ({why})" for part, why in differ.items())
+            raise ConfigError(f"{self.path}: the data changed since this run was trained: {what}. heft does not {doing} "
+                              "a run on changed data; pass --overwrite to train it afresh, or choose a new --out")
+
     # ------------------------------------------------------------------ stages
     def read_stage(self, i: int, stage: StageConfig) -> StageRecord | None:
         """The finished stage's record, or None while it is not finished."""
@@ -192,6 +218,15 @@ class RunFolder:
         if not keep_checkpoints:
             for ckpt in self.path.glob("stages/*/checkpoints"):
                 shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def _data_source(data: DataConfig, part: str) -> str:
+    """Where a split's rows are read from, in the words of the config."""
+    if data.source == "local":
+        path = data.train_path if part == "train" or data.eval_split == "dev" else data.eval_path
+        return f"data.{'train' if part == 'train' or data.eval_split == 'dev' else 'eval'}_path ({path})"
+    return {"boolq": "heft's bundled BoolQ (data.source: boolq)", "hub": "the Hugging Face hub (data.source: hub)",
+            "builtin": "the built-in tasks (data.tasks)"}[data.source]
 
 
 class StudyFolder:

@@ -3,13 +3,14 @@ stages left (their LoRA merged or frozen, their ReFT frozen), then the final eva
 
 `train_run` reads top to bottom like a recipe:
 
-    check     the --out folder (locked), every data row, the model, the ReFT setup: before any write
-    set up    the folder: config.yaml, meta.json (with the base model's fingerprint)
-    stages    each one: already finished (resume) | taken from finished stages (`start`) | trained
+    check     the --out folder (locked), every data row (a resumed run: the same rows as before), the model,
+              the ReFT setup: before any write
+    set up    the folder: config.yaml, meta.json (with the base model's and the data's fingerprints)
+    stages    each one: finished before a restart (resume) | taken from the study's stage cache | trained
     evaluate  predictions.jsonl, metrics.json (which marks the run finished)
 
 The model with its adapters is heft.run.session's; the run folder's layout belongs to heft.run.folder, the
-records written to it to heft.run.records.
+records written to it to heft.run.records; what a study's runs share to heft.reuse.stage_cache.
 """
 
 from __future__ import annotations
@@ -34,19 +35,19 @@ from heft.errors import CheckpointError, ConfigError
 from heft.evaluation.evaluate import accuracy, baselines
 from heft.train.loop import StepLog, peak_memory, train_stage
 from heft.methods.model import fingerprint, fingerprint_differences
-from heft.run.records import EpochRecord, Metrics, StageProgress, StageRecord
+from heft.run.records import DataFingerprint, EpochRecord, Metrics, StageProgress, StageRecord
 from heft.methods.reft import no_decay_names
 from heft.run.folder import Output, RunFolder
 from heft.run.session import Session, model_shape
 from heft.train.runtime import is_main_process
-from heft.reuse.stage_cache import Start, StageCache, copy_stage_files
+from heft.reuse.stage_cache import RunCache, StageCache, copy_stage_files
 from heft.data.tokens import Encoded, PromptFormat, encode_all
 from heft.train.cost import RunTracker
 
 logger = logging.getLogger(__name__)
 
 
-def _meta(cfg: RunConfig, s: Session) -> dict[str, Any]:
+def _meta(cfg: RunConfig, s: Session, data: DataFingerprint) -> dict[str, Any]:
     import peft
     import transformers
 
@@ -58,6 +59,7 @@ def _meta(cfg: RunConfig, s: Session) -> dict[str, Any]:
         "strategy": cfg.label(), "torch": torch.__version__, "transformers": transformers.__version__,
         "peft": peft.__version__, "device": str(s.rt.device), "mixed_precision": "bf16" if s.rt.bf16 else "no",
         "python": platform.python_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "data_fingerprint": data.to_json(),
     }
 
 
@@ -101,45 +103,79 @@ def _save_stage_files(s: Session, folder: Path, tensors: tuple[dict | None, dict
 # ----------------------------------------------------------------------------- the stages
 
 
+Pace = Callable[[str, float], None]
+"""Told the speeds a run measures, for a study's expected duration: (a stage's method, seconds per training row)
+after each logged group of steps, and ("evaluation", seconds) after each evaluation pass."""
+
+
 class _Stages:
     """Runs a config's stages on a Session, writing each one's files into the run folder."""
 
     def __init__(self, s: Session, cfg: RunConfig, run: RunFolder, tracker: RunTracker, evaluation: list[Example],
-                 eval_rows: list[Encoded], train_rows: dict[int, list[Encoded]], cache: StageCache | None,
-                 source: str | None, on_eval: Callable[[EpochRecord], None] | None = None):
+                 eval_rows: list[Encoded], train_rows: dict[int, list[Encoded]], cache: RunCache | None,
+                 pace: Pace | None, on_eval: Callable[[EpochRecord], None] | None = None):
         self.s, self.cfg, self.run, self.tracker, self.evaluation = s, cfg, run, tracker, evaluation
-        self.eval_rows, self.train_rows, self.cache, self.source = eval_rows, train_rows, cache, source
+        self.eval_rows, self.train_rows, self.cache, self.pace = eval_rows, train_rows, cache, pace
         self.records: list[StageRecord] = []
         self.on_eval = on_eval
+
+    def run_all(self, name: str, continuing: bool) -> None:
+        """Every stage in order, each one finished before a restart (loaded), taken from the stage cache, or trained;
+        then frozen, evaluated (eval.every_epoch), and its cost added to the run's."""
+        cfg, run = self.cfg, self.run
+        finished = [run.read_stage(i, stage) if continuing else None for i, stage in enumerate(cfg.stages)]
+        logger.info("%s: %s", name, self._plan([r is not None for r in finished]))
+        for i, stage in enumerate(cfg.stages):
+            last = i == len(cfg.stages) - 1
+            record = finished[i]
+            if record is not None:
+                self.s.apply_stage(stage, run.stage_dir(i, stage))
+                logger.info("stage %d (%s): finished before the restart, loaded from %s", i, stage.method, run.stage_dir(i, stage))
+            elif self.cache is not None and self.cache.has(i):
+                self.s.apply_stage(stage, self.cache.files(i))
+                record = self.cache.take(i, stage, run, self.tracker, self.s.rt.main)
+            else:
+                record = self.train(i, stage)
+            self.s.top.requires_grad_(False)
+            if cfg.eval.every_epoch and not last and not any(r.stage == i and r.stage_epoch >= record.epochs
+                                                             for r in run.read_epochs()):
+                self.evaluate_now(i, stage, record.epochs, record.progress)
+            if sharding.is_sharded(self.s.top) and not last:
+                self.s = None  # type: ignore[assignment]  # free the sharded model before loading a fresh one
+                gc.collect()
+                self.s = _fresh_session(cfg, run, i + 1)
+            self.records.append(record)
+            if not last:
+                self.tracker.finish_stage(record)
+
+    def _plan(self, finished: list[bool]) -> str:
+        """Where each stage comes from, in one line: trained here, taken from the stage cache, or loaded."""
+        where: dict[str, list[str]] = {}
+        for i, stage in enumerate(self.cfg.stages):
+            fate = "finished before the restart" if finished[i] else f"taken from the stage cache ({self.cache.start.source})" \
+                if self.cache is not None and self.cache.has(i) else "to train"  # type: ignore[union-attr]
+            where.setdefault(fate, []).append(f"{i} ({stage.method})")
+        return "; ".join(f"stage{'s' if len(ids) > 1 else ''} {', '.join(ids)} {fate}" for fate, ids in where.items()) \
+            or "no stages to train: evaluation only"
+
+    def evaluate(self) -> list[dict[str, Any]]:
+        """The model's predictions on the evaluation rows, now (timed for the study's expected duration)."""
+        began = time.perf_counter()
+        preds = self.s.evaluate(self.evaluation, self.eval_rows)
+        if self.pace is not None:
+            self.pace("evaluation", time.perf_counter() - began)
+        return preds
 
     def evaluate_now(self, i: int, stage: StageConfig | None, stage_epoch: float, progress: StageProgress | None) -> dict:
         """Evaluate the model as it is now (mid-stage: adapters not merged yet) and record the point."""
         was_training = self.s.top.training
-        acc = accuracy(self.s.evaluate(self.evaluation, self.eval_rows))
+        acc = accuracy(self.evaluate())
         self.s.top.train(was_training)
         point = self.tracker.record(i, stage, stage_epoch, progress, acc)
         logger.info("%s after stage %d epoch %g: accuracy %.2f%%", self.cfg.label(), i, stage_epoch, 100 * acc["accuracy"])
         if self.on_eval is not None:
             self.on_eval(point)  # may raise to stop the run here (a pruned tuning trial); the folder stays resumable
         return acc
-
-    def from_start(self, i: int, stage: StageConfig, start: Start) -> StageRecord:
-        """Take stage i from finished stages of another run of the same prefix: files, log, evaluations, cost."""
-        cached = start.stages[i]
-        self.s.apply_stage(stage, cached.files)
-        record = StageRecord.from_json({**cached.record.to_json(), "reused_from": start.source, "peak_memory": None})
-        last = i == len(self.cfg.stages) - 1
-        if self.s.rt.main:
-            copy_stage_files(cached.files, self.run.stage_dir(i, stage))
-            self.run.write_train_log(i, stage, cached.train_log)
-            self.tracker.log_steps(cached.train_log)
-            if self.cfg.eval.every_epoch:  # same weights, same evaluation setup: the source's points are this run's
-                for rec in start.evals:
-                    if rec.stage == i and not (last and rec.stage_epoch >= record.epochs):  # the final one is ours
-                        self.tracker.copy(rec, start.source)
-            self.run.write_stage(i, stage, record)
-        logger.info("stage %d (%s): taken from %s", i, stage.method, start.source)
-        return record
 
     def train(self, i: int, stage: StageConfig) -> StageRecord:
         """Train stage i, save its adapters, leave them frozen (LoRA merged if lora.merge) on the session."""
@@ -152,8 +188,13 @@ class _Stages:
                 self.evaluate_now(i, stage, epoch, progress)
             self.snapshot(i, stage, epoch, n_params, progress)
 
-        log = StepLog(run.train_log_path(i, stage), s.rt, f"{cfg.label()} stage {i} ({stage.method})", cfg.log_every,
-                      self.tracker.log_steps)
+        def logged(steps: list[dict[str, Any]]) -> None:
+            self.tracker.log_steps(steps)
+            if self.pace is not None and steps:  # cumulative seconds over the rows of the steps taken so far
+                rows = steps[-1]["step"] * stage.batch_size * stage.grad_accum * s.rt.num_processes
+                self.pace(stage.method, steps[-1]["seconds"] / rows)
+
+        log = StepLog(run.train_log_path(i, stage), s.rt, f"{cfg.label()} stage {i} ({stage.method})", cfg.log_every, logged)
         progress = train_stage(s.top, named, no_decay, self.train_rows[stage.max_length or cfg.data.max_length], stage,
                                rt=s.rt, pad_id=s.tokenizer.pad_token_id, seed=cfg.seed + i, bucketing=cfg.length_bucketing,
                                log=log, checkpoints=run.checkpoints_dir(i, stage), checkpoint_every=cfg.checkpoint_every,
@@ -183,17 +224,13 @@ class _Stages:
 
     def snapshot(self, i: int, stage: StageConfig, epoch: float, n_params: int, progress: StageProgress,
                  files: Path | None = None, record: StageRecord | None = None) -> None:
-        """Store stages 0..i (stage i at `epoch`) in the study's stage cache if another strategy starts from them."""
-        if self.cache is None or not self.cache.wants(self.cfg, i + 1, epoch):
+        """Give stages 0..i (stage i at `epoch`; `files`: its saved folder, if whole) to the study's stage cache
+        if another strategy starts from them."""
+        if self.cache is None or not self.cache.wants(i + 1, epoch):
             return
         tensors = _stage_tensors(self.s, stage) if files is None else (None, None)  # every process: a collective
         if not self.s.rt.main:
             return
-        if record is None:
-            record = self._record(i, stage, n_params, progress)
-        whole = epoch == stage.epochs
-        source = f"{self.source} (epoch {epoch:g} snapshot)" if not whole and i == 0 else \
-            f"{self.source} (stages 0-{i}{'' if whole else f', epoch {epoch:g} snapshot'})"
 
         def write_last(dest: Path) -> None:
             if files is not None:
@@ -201,38 +238,59 @@ class _Stages:
             else:
                 _save_stage_files(self.s, dest, tensors)
 
-        stages = self.cfg.stages
-        self.cache.store(self.cfg, source, i + 1, epoch, [self.run.stage_dir(j, stages[j]) for j in range(i)], write_last,
-                         self.records + [record],
-                         [self.run.read_train_log(j, stages[j]) for j in range(i)] + [self.run.read_train_log(i, stage, progress.optimizer_steps)],
-                         [r for r in self.run.read_epochs() if r.stage < i or (r.stage == i and r.stage_epoch <= epoch)])
+        record = record or self._record(i, stage, n_params, progress)
+        self.cache.store(i, epoch, self.run, self.records + [record], progress.optimizer_steps, write_last)
+
+    def final(self, train: list[Example]) -> tuple[list[dict[str, Any]], Metrics]:
+        """The final evaluation's predictions, and the run's metrics: accuracy, baselines, cost."""
+        cfg, tracker, records = self.cfg, self.tracker, self.records
+        preds = self.evaluate()
+        acc = accuracy(preds)
+        if records:
+            if cfg.eval.every_epoch:
+                tracker.record(len(records) - 1, cfg.stages[-1], records[-1].epochs, records[-1].progress, acc)
+            tracker.finish_stage(records[-1])
+        elif cfg.eval.every_epoch:
+            tracker.record(0, None, 0.0, None, acc)  # the untrained model: the curves' epoch-0 point
+        tracker.close()
+        majority, baseline, per_task = baselines(cfg.data, train, self.evaluation, preds)
+        return preds, Metrics(
+            strategy=cfg.label(), accuracy=acc["accuracy"], ci95=acc["ci95"], n=acc["n"], correct=acc["correct"],
+            eval_split=cfg.data.eval_split, majority_label=majority, majority_baseline=baseline,
+            tasks=per_task, macro_accuracy=(sum(t["accuracy"] for t in per_task.values()) / len(per_task)) if per_task else None,
+            trainable_params=sum(r.trainable_params for r in records), train_seconds=round(tracker.seconds, 2),
+            epochs=round(tracker.epochs, 6), train_tokens=tracker.tokens, train_flops=tracker.flops_done,
+            train_rows=len(train), stages=records)
 
 
-def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: bool = False, start: Start | None = None,
-              cache: StageCache | None = None, name: str | None = None,
+def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: bool = False,
+              cache: StageCache | None = None, name: str | None = None, pace: Pace | None = None,
               on_eval: Callable[[EpochRecord], None] | None = None) -> Metrics:
     """Train every stage of `cfg`, evaluate, and write the run folder `out`.
 
-    With `resume`, a run folder of the same config continues: finished stages are loaded, the
-    interrupted one continues from its latest checkpoint, a finished run is returned as it is.
-    `start`: finished stages to begin with instead of training them (a study's stage cache);
-    `cache`: where to store the stage prefixes other strategies of the study start from; `on_eval`: told each
+    With `resume`, a run folder of the same config and the same data rows continues: finished stages are
+    loaded, the interrupted one continues from its latest checkpoint, a finished run is returned as it is.
+    `cache`: the study's stage cache, which the run (strategy `name`) takes finished stages from and stores
+    the stage prefixes other strategies start from; `pace`: told the speeds the run measures; `on_eval`: told each
     evaluation point during training (eval.every_epoch), and may raise to stop the run there (a pruned tuning trial).
     """
+    name = name or cfg.label()
     folder = RunFolder(out)
     continuing = resume and folder.is_heft()
     output = Output.open(out, overwrite=overwrite, continuing=continuing, folder=RunFolder,
                          what="run folder", main=is_main_process())
     try:
+        # ---- check everything before the first write
+        if continuing and folder.read_config() != cfg:
+            raise ConfigError(f"--resume: {out} holds a run with a different config; resume it with its own config "
+                              f"({folder.config_path}), or use --overwrite or a new --out")
+        splits = load_splits(cfg.data)
+        data = DataFingerprint.of(splits.train, splits.eval)
         if continuing:
-            if folder.read_config() != cfg:
-                raise ConfigError(f"--resume: {out} holds a run with a different config; resume it with its own config "
-                                  f"({folder.config_path}), or use --overwrite or a new --out")
+            folder.require_same_data(data, cfg.data, "resume")
             if folder.is_finished():
                 logger.info("%s: the run is already finished", out)
                 return folder.read_metrics()
-        # ---- check everything before the first write
-        splits = load_splits(cfg.data)
         s = Session(cfg)
         eval_rows, train_rows = _check_rows(s, cfg, splits.train, splits.eval)
         run = RunFolder(output.work)
@@ -241,57 +299,21 @@ def train_run(cfg: RunConfig, out: Path, *, overwrite: bool = False, resume: boo
             output.begin()
             run.write_config(cfg)
             prompt = PromptFormat.of_rows(cfg.data.format, splits.train + splits.dev + splits.eval)  # for predict & co
-            run.write_meta({**_meta(cfg, s), "prompt": prompt.to_json()})
+            run.write_meta({**_meta(cfg, s, data), "prompt": prompt.to_json()})
         s.rt.wait()
         tracker = RunTracker(run, cfg, cost.non_embedding_params(s.model), s.num_layers, s.reft_layers, s.rt.main)
-        stages = _Stages(s, cfg, run, tracker, splits.eval, eval_rows, train_rows, cache, name or cfg.label(), on_eval)
+        stages = _Stages(s, cfg, run, tracker, splits.eval, eval_rows, train_rows,
+                         cache.for_run(cfg, name, data) if cache is not None else None, pace, on_eval)
         # ---- the stages
-        every = cfg.eval.every_epoch
-        for i, stage in enumerate(cfg.stages):
-            last = i == len(cfg.stages) - 1
-            record = run.read_stage(i, stage) if continuing else None
-            if record is not None:
-                s.apply_stage(stage, run.stage_dir(i, stage))
-                logger.info("stage %d (%s): finished before the restart, loaded from %s", i, stage.method, run.stage_dir(i, stage))
-            elif start is not None and i < len(start.stages):
-                record = stages.from_start(i, stage, start)
-            else:
-                record = stages.train(i, stage)
-            s.top.requires_grad_(False)
-            if every and not last and not any(r.stage == i and r.stage_epoch >= record.epochs for r in run.read_epochs()):
-                stages.evaluate_now(i, stage, record.epochs, record.progress)
-            if sharding.is_sharded(s.top) and not last:
-                s = stages.s = None  # type: ignore[assignment]  # free the sharded model before loading a fresh one
-                gc.collect()
-                s = stages.s = _fresh_session(cfg, run, i + 1)
-            stages.records.append(record)
-            if not last:
-                tracker.finish_stage(record)
+        stages.run_all(name, continuing)
         # ---- evaluate
-        preds = s.evaluate(splits.eval, eval_rows)
-        acc = accuracy(preds)
-        records = stages.records
-        if records:
-            if every:
-                tracker.record(len(records) - 1, cfg.stages[-1], records[-1].epochs, records[-1].progress, acc)
-            tracker.finish_stage(records[-1])
-        elif every:
-            tracker.record(0, None, 0.0, None, acc)  # the untrained model: the curves' epoch-0 point
-        tracker.close()
-        majority, baseline, per_task = baselines(cfg.data, splits.train, splits.eval, preds)
-        metrics = Metrics(
-            strategy=cfg.label(), accuracy=acc["accuracy"], ci95=acc["ci95"], n=acc["n"], correct=acc["correct"],
-            eval_split=cfg.data.eval_split, majority_label=majority, majority_baseline=baseline,
-            tasks=per_task, macro_accuracy=(sum(t["accuracy"] for t in per_task.values()) / len(per_task)) if per_task else None,
-            trainable_params=sum(r.trainable_params for r in records), train_seconds=round(tracker.seconds, 2),
-            epochs=round(tracker.epochs, 6), train_tokens=tracker.tokens, train_flops=tracker.flops_done,
-            train_rows=len(splits.train), stages=records)
-        if s.rt.main:
+        preds, metrics = stages.final(splits.train)
+        if stages.s.rt.main:
             run.write_predictions(preds)
             run.write_metrics(metrics)
             run.tidy(cfg.keep_checkpoints)
             output.finish()
-        s.rt.wait()
+        stages.s.rt.wait()
         return metrics
     finally:
         output.close()

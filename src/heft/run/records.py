@@ -4,6 +4,7 @@
     StageRecord     `stages/NN-*/stage.json`: a finished stage (progress, cost, where it came from)
     EpochRecord     one line of `epochs.jsonl`: accuracy after an epoch, with the run's cumulative cost
     Metrics         `metrics.json`: the run's final accuracy, baselines and cost
+    DataFingerprint `meta.json`'s `data_fingerprint`: the rows the run trained on and was evaluated on
 
 Optional fields that are None are left out of the JSON, so files keep the schema they always had;
 reading tolerates fields a newer heft added (ignored) and optional ones an older heft did not write.
@@ -12,8 +13,10 @@ reading tolerates fields a newer heft added (ignored) and optional ones an older
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Sequence, TypeVar
 
 T = TypeVar("T", bound="Record")
 
@@ -132,3 +135,41 @@ class Metrics(Record):
         raw.setdefault("train_flops", 0.0)
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+@dataclass(frozen=True)
+class DataFingerprint(Record):
+    """The rows a run trained on and was evaluated on, as read and split (after data.dev_size, train_size and
+    eval_size): a hash of each list's rows in order, and its length. It tells a changed data file apart even
+    when the file's name, the config and the row count stay the same."""
+
+    train: str
+    train_rows: int
+    eval: str
+    eval_rows: int
+
+    @classmethod
+    def of(cls, train: Sequence[Any], evaluation: Sequence[Any]) -> "DataFingerprint":
+        """From the rows (heft.data.rows.Example) of the training and the evaluation split."""
+        return cls(_rows_hash(train), len(train), _rows_hash(evaluation), len(evaluation))
+
+    def differences(self, now: "DataFingerprint") -> dict[str, str]:
+        """The splits whose rows differ from `now`'s ("train", "eval"), each with what changed in words: the row
+        counts (`400 then, 300 now`), or the same count with other content."""
+        out = {}
+        for part in ("train", "eval"):
+            then_n, now_n = getattr(self, f"{part}_rows"), getattr(now, f"{part}_rows")
+            if getattr(self, part) != getattr(now, part):
+                out[part] = f"{then_n} then, {now_n} now" if then_n != now_n else f"{now_n} then and now, with other content"
+        return out
+
+
+def _rows_hash(rows: Sequence[Any]) -> str:
+    h = hashlib.sha256()
+    for row in rows:
+        # A field at its default value is left out, so a field a newer heft adds to the row type keeps the
+        # fingerprints of folders written before it; `source` (where a row was read) is not content (compare=False).
+        content = {f.name: getattr(row, f.name) for f in dataclasses.fields(row)
+                   if f.compare and getattr(row, f.name) != f.default}
+        h.update(json.dumps(content, sort_keys=True).encode() + b"\n")
+    return h.hexdigest()[:20]

@@ -4,9 +4,11 @@
 once in `OUT/seedless/NAME`), evaluated after every epoch; `heft run` is its one-seed case with run
 folders directly in `OUT/NAME` and `summary.json` besides the report (see heft.run.folder).
 
-A run folder that already holds a finished run of the same config is reused, and an unfinished one
-of the same config is resumed, so an interrupted study continues where it stopped and a finished
-one only rebuilds its report. Identical stage prefixes are trained once (heft.reuse.stage_cache).
+A run folder that already holds a finished run of the same config and the same data rows is reused,
+and an unfinished one of the same config is resumed, so an interrupted study continues where it
+stopped and a finished one only rebuilds its report; a run whose data changed since is refused.
+Identical stage prefixes are trained once (heft.reuse.stage_cache). The study's expected duration is
+logged from the speeds it measures (heft.study.forecast).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from typing import Any
 
 from heft import __version__
 from heft.study import report as reports
-from heft.config.schema import RunConfig
+from heft.config.schema import DataConfig, RunConfig
 from heft.data.rows import load_splits
 from heft.errors import ConfigError
 from heft.run.pipeline import train_run
 from heft.run.folder import Output, StudyFolder
+from heft.run.records import DataFingerprint
+from heft.study.forecast import Forecast, PlannedRun, passes
 from heft.train.runtime import is_main_process
 from heft.reuse.stage_cache import StageCache
 from heft.config.suite import read_suite, select
@@ -31,7 +35,7 @@ from heft.config.suite import read_suite, select
 logger = logging.getLogger(__name__)
 
 
-def train_strategies(study: StudyFolder, configs: dict[str, RunConfig], seed: int) -> None:
+def train_strategies(study: StudyFolder, configs: dict[str, RunConfig], seed: int, forecast: Forecast | None = None) -> None:
     """Train and evaluate each strategy (all of one seed), reusing finished folders and shared prefixes."""
     cache = StageCache(study.stage_cache_dir, configs)
     for name in cache.order(configs):
@@ -44,10 +48,35 @@ def train_strategies(study: StudyFolder, configs: dict[str, RunConfig], seed: in
             continue
         if run.path.exists() and not same:
             shutil.rmtree(run.path)  # an unfinished run of another config (an edited suite): redone from scratch
-        start = cache.start_for(cfg)
-        logger.info("%s: %s %d stage(s)%s", name, "resuming" if same else "training", len(cfg.stages),
-                    f", starting from {start.source}" if start else "")
-        train_run(cfg, run.path, resume=same, start=start, cache=cache, name=name)
+        if forecast is not None:
+            forecast.start(str(run.path))
+        train_run(cfg, run.path, resume=same, cache=cache, name=name, pace=forecast.pace if forecast is not None else None)
+        if forecast is not None:
+            forecast.done(str(run.path))
+
+
+def _plan(study: StudyFolder, batches: list[tuple[int, dict[str, RunConfig]]], data: dict[str, DataFingerprint],
+          flat: bool) -> Forecast:
+    """The runs `train_strategies` will train for each (seed, configs) batch, with the stages each one trains itself
+    (not finished before, not planned to come from the stage cache). A finished run it would reuse must have
+    trained on the rows `data` gives each strategy now: checked here, before anything trains."""
+    runs = []
+    for seed, configs in batches:
+        cache = StageCache(study.stage_cache_dir, configs)
+        taken = cache.planned_starts(configs)
+        for name in cache.order(configs):
+            cfg, run = configs[name], study.run(name, configs[name], seed)
+            same = run.is_heft() and run.read_config() == cfg
+            if same and run.is_finished():
+                run.require_same_data(data[name], cfg.data, "reuse")
+                continue
+            todo = [i for i, st in enumerate(cfg.stages) if i >= taken[name] and not (same and run.read_stage(i, st))]
+            runs.append(PlannedRun(
+                str(run.path), name if flat or not cfg.stages else f"{name} seed {seed}",
+                tuple((cfg.stages[i].method, cfg.stages[i].epochs) for i in todo), data[name].train_rows,
+                data[name].eval_rows, passes([cfg.stages[i].epochs for i in todo], len(cfg.stages) - 1 in todo, cfg.eval.every_epoch),
+                f"{cfg.data!r} {dataclasses.replace(cfg.eval, every_epoch=False)!r}"))
+    return Forecast(runs, ("strategy", "strategies") if flat else ("run", "runs"))
 
 
 def run_study(path: Path, out: Path, overrides: list[tuple[str, str]], *, seeds: list[int] | None,
@@ -72,29 +101,30 @@ def run_study(path: Path, out: Path, overrides: list[tuple[str, str]], *, seeds:
     output = Output.open(out, overwrite=overwrite, continuing=continuing, folder=lambda p: StudyFolder(p, flat),
                          what="study folder", main=is_main_process())
     try:
-        datas: list = []
+        read: list[tuple[DataConfig, DataFingerprint]] = []
         for c in configs.values():
-            if c.data not in datas:
-                datas.append(c.data)
-        for data in datas:
-            load_splits(data)  # every data row checked before the first write
-        if is_main_process():
-            output.begin()
+            if not any(d == c.data for d, _ in read):
+                splits = load_splits(c.data)  # every data row checked before the first write
+                read.append((c.data, DataFingerprint.of(splits.train, splits.eval)))
+        data = {n: next(f for d, f in read if d == c.data) for n, c in configs.items()}
         study = StudyFolder(output.work, flat)
         used = seeds if seeds is not None else [next(iter(configs.values())).seed]
+        if flat:
+            batches = [(used[0], configs)]
+        else:  # strategies without training once: scoring is deterministic, one evaluation serves every seed
+            seedless = {n: c for n, c in configs.items() if not c.stages}
+            batches = ([(used[0], seedless)] if seedless else []) + [
+                (seed, {n: dataclasses.replace(c, seed=seed) for n, c in configs.items() if c.stages}) for seed in seeds]
+        forecast = _plan(study, batches, data, flat)  # finished runs' data checked before the first write, too
         if is_main_process():
+            output.begin()
             study.write_asked({"command": "run" if flat else "compare", "suite": str(path),
                                "overrides": [list(o) for o in overrides], "seeds": used, "strategies": list(configs),
                                "heft_version": __version__})
-        if flat:
-            train_strategies(study, configs, used[0])
-        else:
-            seedless = {n: c for n, c in configs.items() if not c.stages}
-            if seedless:
-                train_strategies(study, seedless, used[0])  # scoring is deterministic: one evaluation serves every seed
-            for seed in seeds:
-                logger.info("seed %d: %s", seed, ", ".join(n for n in configs if configs[n].stages))
-                train_strategies(study, {n: dataclasses.replace(c, seed=seed) for n, c in configs.items() if c.stages}, seed)
+        for seed, batch in batches:
+            if not flat and any(c.stages for c in batch.values()):
+                logger.info("seed %d: %s", seed, ", ".join(batch))
+            train_strategies(study, batch, seed, forecast if is_main_process() else None)
         if not is_main_process():
             return {}  # the report is read from the run folders and written by the main process alone
         report = reports.build_report(study, configs, used, targets or [])
