@@ -4,7 +4,7 @@ Three sides, each in its own process, on the same model, data and settings:
 
 - `heft`: heft's `ReftModel` (LoReFT, hooks + one gather/scatter per layer), left-padded batch
   from `heft.data.tokens.train_batch`, logits only at the positions the loss needs (`logits_to_keep`),
-  `heft.train.answer_loss`; then gradient clipping and an AdamW step, as in `heft.train`.
+  `heft.training.loop.answer_loss`; then gradient clipping and an AdamW step, as in `heft.training.loop`.
 - `pyreft`: pyreft 0.1.0 (`pyreft.get_reft_model` + `LoreftIntervention` on `block_output`, one
   intervention per layer and position group, as pyreft's own LoReFT recipe builds it), run in its
   own virtual environment with transformers 4.45.1 (pyreft pins it). A manual loop that does what
@@ -132,8 +132,8 @@ def heft_step(spec: dict):
     from heft.config.schema import PositionsConfig, ReftConfig
     from heft.methods.model import decoder_layers, fp32_output_head, hidden_size
     from heft.methods.reft import ReftModel
-    from heft.train.runtime import model_forward
-    from heft.train.loop import answer_loss
+    from heft.training.runtime import model_forward
+    from heft.training.loop import answer_loss
 
     model = build_model(spec)
     if spec["dtype"] == "bf16":
@@ -143,7 +143,7 @@ def heft_step(spec: dict):
                      positions=PositionsConfig(spec["first"], spec["last"]), init="identity")
     reft = ReftModel(model, cfg, decoder_layers(model), hidden_size(model)).to(spec["device"])
     params = [p for p in reft.interventions.parameters()]
-    opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0, foreach=True)  # as heft.train.loop
+    opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0, foreach=True)  # as heft.training.loop
     reft.train()
 
     def step(rows: list[dict]) -> torch.Tensor:
@@ -166,7 +166,7 @@ def run_heft(spec: dict) -> dict:
 
 def floor_step(spec: dict):
     from heft.methods.model import decoder_layers, fp32_output_head
-    from heft.train.loop import answer_loss
+    from heft.training.loop import answer_loss
 
     model = build_model(spec)
     if spec["dtype"] == "bf16":

@@ -16,7 +16,7 @@ from heft.data.tokens import Encoded
 from heft.methods.lora import attach
 from heft.methods.model import decoder_layers, hidden_size
 from heft.methods.reft import ReftModel
-from heft.train.runtime import Runtime
+from heft.training.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"))
 

@@ -77,3 +77,19 @@ def test_generate_in_batches_equals_one_at_a_time(run):
 def test_import_heft_stays_light():
     code = "import sys, heft; assert 'torch' not in sys.modules; print(callable(heft.load))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"
+
+
+def test_api_names_survive_the_subpackages():
+    """`heft.train`, `heft.load`, `heft.score`, `heft.generate` stay the API functions once heft's subpackages are
+    imported (a subpackage named like one of them would replace the attribute on import)."""
+    import importlib
+    import pkgutil
+
+    import heft
+    import heft.api
+
+    for info in pkgutil.walk_packages(heft.__path__, "heft."):
+        if info.ispkg:
+            importlib.import_module(info.name)
+    for name in ("train", "load", "score", "generate"):
+        assert getattr(heft, name) is getattr(heft.api, name), name

@@ -43,8 +43,8 @@ def _split_overrides(rest: list[str]) -> list[tuple[str, str]]:
 
 
 def _reports() -> bool:
-    """Under torchrun / accelerate launch only the main process prints results (the one check: heft.train.runtime)."""
-    from heft.train.runtime import is_main_process
+    """Under torchrun / accelerate launch only the main process prints results (the one check: heft.training.runtime)."""
+    from heft.training.runtime import is_main_process
 
     return is_main_process()
 

@@ -18,8 +18,8 @@ from heft.evaluation.yesno import score, single_token_split
 from heft.evaluation.stats import wilson_interval
 from heft.methods.model import decoder_layers, hidden_size
 from heft.methods.reft import ReftModel
-from heft.train.runtime import Runtime, model_forward
-from heft.train.loop import answer_loss
+from heft.training.runtime import Runtime, model_forward
+from heft.training.loop import answer_loss
 
 CPU = Runtime(torch.device("cpu"))
 

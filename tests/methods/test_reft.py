@@ -18,8 +18,8 @@ from heft.errors import CheckpointError, ConfigError
 from heft.methods.lora import attach
 from heft.methods.model import decoder_layers, hidden_size
 from heft.methods.reft import REFT_WEIGHTS, DiReFT, LoReFT, ReftModel, no_decay_names, prompt_positions
-from heft.train.runtime import model_forward
-from heft.train.loop import param_groups
+from heft.training.runtime import model_forward
+from heft.training.loop import param_groups
 
 from conftest import tiny_config
 
@@ -613,7 +613,7 @@ def test_generation_through_heft_loader_keeps_the_prompt_edits(tiny_model_dir):
     from heft.data.tokens import Encoded
     from heft.evaluation.generate import generate_texts
     from heft.methods.model import load_model
-    from heft.train.runtime import Runtime
+    from heft.training.runtime import Runtime
 
     model, tok = load_model(ModelConfig(name_or_path=str(tiny_model_dir), dtype="float32"), torch.device("cpu"))
     assert model.config.use_cache is False

@@ -22,10 +22,10 @@ from heft.config.schema import LoraConfig, PositionsConfig, ReftConfig
 from heft.config.load import from_dict
 from heft.reuse.layer_prefix import FrozenLayers, lowest_layer, reach
 from heft.methods.lora import attach, trainable as lora_trainable
-from heft.train.loop import answer_loss
+from heft.training.loop import answer_loss
 from heft.methods.model import decoder_layers, hidden_size
 from heft.methods.reft import ReftModel
-from heft.train.runtime import model_forward
+from heft.training.runtime import model_forward
 from heft.data.tokens import Encoded, train_batch
 
 from conftest import tiny_config
@@ -234,7 +234,7 @@ def test_a_failed_check_says_why():
 def test_the_check_passes_under_bf16():
     """Under bf16 autocast a stream kept from a differently padded group rounds differently; the check uses the
     batch's own streams, so it tests the bypass, not the rounding."""
-    from heft.train.runtime import Runtime
+    from heft.training.runtime import Runtime
 
     reft, _ = _with_reft(_model("llama"), (2,))
     rows = _rows(40)

@@ -20,7 +20,7 @@ from heft.methods.model import decoder_layers, hidden_size
 from heft.methods.reft import ReftModel
 from heft.reuse import plan as reuse
 from heft.reuse.plan import FullPath, declared_dropout, differs_in_training
-from heft.train.loop import answer_loss
+from heft.training.loop import answer_loss
 
 from helpers import CPU
 

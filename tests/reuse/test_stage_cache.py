@@ -12,7 +12,7 @@ from heft.config.load import from_dict
 from heft.reuse.stage_cache import StageCache
 from heft.run.folder import RunFolder
 from heft.run.records import DataFingerprint, EpochRecord, StageRecord
-from heft.train.cost import RunTracker
+from heft.training.cost import RunTracker
 
 DATA = {"source": "local", "train_path": "t.jsonl", "eval_path": "v.jsonl"}
 LORA = {"method": "lora", "scheduler": "constant"}

@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from heft.config.load import from_dict
-from heft.train.loop import answer_loss
+from heft.training.loop import answer_loss
 from heft.reuse.token_prefix import FrozenPrefix, why_not
 from heft.methods.reft import ReftModel
-from heft.train.runtime import model_forward
+from heft.training.runtime import model_forward
 from heft.data.tokens import Encoded, train_batch
 
 from conftest import tiny_config

@@ -152,8 +152,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
                                                                                monkeypatch, capsys):
     import torch
 
-    from heft.train import checkpoint
-    from heft.train import loop as train
+    from heft.training import checkpoint
+    from heft.training import loop as train
 
     real = train.answer_loss
     calls = {"n": 0}

@@ -13,7 +13,7 @@ import yaml
 from conftest import tiny_config
 from safetensors.torch import load_file
 
-from heft.train import cost
+from heft.training import cost
 from heft.evaluation import stats
 from heft.evaluation.evaluate import accuracy
 from heft.cli import main
@@ -153,7 +153,7 @@ def test_flops_follow_the_documented_estimate(study):
     lora, reft = (json.loads((out / "seed-0" / name / "metrics.json").read_text()) for name in ("lora", "reft"))
     assert lora["train_flops"] == pytest.approx(4 * n * lora["train_tokens"])  # LoRA on every layer: (2 + 2) N per token
     # ReFT edits layer 0's output: its backward stops above layer 0, which the layer prefix bypasses after the first
-    # epoch (the exact arithmetic per path: tests/train/test_cost.py)
+    # epoch (the exact arithmetic per path: tests/training/test_cost.py)
     assert 2 * n * reft["train_tokens"] < reft["train_flops"] < 4 * n * reft["train_tokens"]
     assert cost.backward_fraction(2, 4) == 0.5 and cost.train_flops(10, 100, 0.5) == 3000
 

@@ -22,7 +22,7 @@ from conftest import tiny_config  # noqa: E402
 from heft.config.load import load  # noqa: E402
 from heft.errors import ConfigError  # noqa: E402
 from heft.run.folder import RunFolder  # noqa: E402
-from heft.train.checkpoint import latest  # noqa: E402
+from heft.training.checkpoint import latest  # noqa: E402
 from heft.tune.study import read_tuned, tune  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -51,12 +51,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from heft.train import sharding
+from heft.training import sharding
 from heft.data.tokens import Encoded, prompt_batch, train_batch
 from heft.errors import DataError
 from heft.reuse.kv import cache_field, regroupable
 from heft.methods.reft import ReftModel
-from heft.train.runtime import Runtime, gather_rows, model_forward, share_rows
+from heft.training.runtime import Runtime, gather_rows, model_forward, share_rows
 from heft.evaluation.stats import wilson_interval
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from torch import nn
 from heft.config.schema import DataConfig, EvalConfig
 from heft.data.rows import Example, majority_choice, majority_label
 from heft.data.tokens import Encoded
-from heft.train.runtime import Runtime
+from heft.training.runtime import Runtime
 from heft.evaluation.generate import generate_texts
 from heft.evaluation.stats import wilson_interval
 

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from heft.train import sharding
+from heft.training import sharding
 from heft.data.tokens import Encoded, prompt_batch
-from heft.train.runtime import Runtime, gather_rows, share_rows
+from heft.training.runtime import Runtime, gather_rows, share_rows
 
 
 @torch.no_grad()

@@ -51,7 +51,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from heft.evaluation.choices import log_norm, score_choices
 from heft.errors import ConfigError, DataError
-from heft.train.runtime import model_forward
+from heft.training.runtime import model_forward
 from heft.data.tokens import Encoded, prompt_batch
 
 logger = logging.getLogger(__name__)

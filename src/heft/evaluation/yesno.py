@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from heft.data.tokens import Encoded, prompt_batch, train_batch
-from heft.train.runtime import Runtime, gather_rows, model_forward, share_rows
+from heft.training.runtime import Runtime, gather_rows, model_forward, share_rows
 
 
 def _shared_prefix(a: list[int], b: list[int]) -> int:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from heft.run import atomic
-from heft.train import sharding
+from heft.training import sharding
 from heft.config.schema import LoraConfig
 from heft.errors import CheckpointError, ConfigError
 

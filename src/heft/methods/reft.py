@@ -39,7 +39,7 @@ from torch import nn
 
 from heft import __version__
 from heft.run import atomic
-from heft.train import sharding
+from heft.training import sharding
 from heft.config.schema import PositionsConfig, ReftConfig
 from heft.errors import CheckpointError, ConfigError
 from heft.methods.model import check_layer_ids

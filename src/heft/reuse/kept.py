@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from heft.data.tokens import Encoded, train_batch
-from heft.train.runtime import model_forward
+from heft.training.runtime import model_forward
 
 logger = logging.getLogger(__name__)
 

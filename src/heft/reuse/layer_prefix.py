@@ -39,7 +39,7 @@ from heft.data.tokens import Encoded, train_batch
 from heft.methods.model import decoder_layers
 from heft.methods.reft import ReftModel
 from heft.reuse.kept import RowStore, Step, frozen_pass, full_step, groups
-from heft.train.runtime import Runtime, model_forward
+from heft.training.runtime import Runtime, model_forward
 
 
 class _Reached(Exception):

@@ -17,7 +17,7 @@ Dropout is found two ways: dropout modules and the config's dropout fields, and 
 model a path would run once twice in training mode, on the stage's first batch, and compares (OPT applies
 `config.dropout` as a function, not a module, and only a pass in training mode shows it).
 
-`Plan.cost` is what the chosen path runs per token (heft.train.cost), for the run's FLOPs.
+`Plan.cost` is what the chosen path runs per token (heft.training.cost), for the run's FLOPs.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from heft.methods.reft import ReftModel
 from heft.reuse.kept import Step, full_step
 from heft.reuse.layer_prefix import FrozenLayers, lowest_layer, reach
 from heft.reuse.token_prefix import FrozenPrefix, why_not
-from heft.train import sharding
-from heft.train.cost import StageCost, depth, stage_cost
-from heft.train.runtime import Runtime
+from heft.training import sharding
+from heft.training.cost import StageCost, depth, stage_cost
+from heft.training.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from heft.config.schema import RunConfig, StageConfig
 from heft.run import atomic
 from heft.run.folder import RunFolder
 from heft.run.records import DataFingerprint, EpochRecord, StageRecord
-from heft.train.cost import RunTracker
+from heft.training.cost import RunTracker
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from heft.data.tokens import Encoded, prompt_batch, train_batch
 from heft.methods.reft import ReftModel
 from heft.reuse.kept import RowStore, Step, frozen_pass, groups
 from heft.reuse.kv import cache_field, split_rows, stack_rows, why_not_regroupable
-from heft.train.runtime import Runtime
+from heft.training.runtime import Runtime
 
 
 def why_not(model: nn.Module, trainable: list[tuple[str, nn.Parameter]]) -> str | None:

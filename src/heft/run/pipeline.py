@@ -26,23 +26,23 @@ import torch
 from torch import nn
 
 from heft import __version__
-from heft.train import cost
+from heft.training import cost
 from heft.methods import lora
-from heft.train import sharding
+from heft.training import sharding
 from heft.config.schema import RunConfig, StageConfig
 from heft.data.rows import Example, load_splits
 from heft.errors import CheckpointError, ConfigError
 from heft.evaluation.evaluate import accuracy, baselines
-from heft.train.loop import StepLog, peak_memory, train_stage
+from heft.training.loop import StepLog, peak_memory, train_stage
 from heft.methods.model import fingerprint, fingerprint_differences
 from heft.run.records import DataFingerprint, EpochRecord, Metrics, StageProgress, StageRecord
 from heft.methods.reft import no_decay_names
 from heft.run.folder import Output, RunFolder
 from heft.run.session import Session, model_shape
-from heft.train.runtime import is_main_process
+from heft.training.runtime import is_main_process
 from heft.reuse.stage_cache import RunCache, StageCache, copy_stage_files
 from heft.data.tokens import Encoded, PromptFormat, encode_all
-from heft.train.cost import RunTracker
+from heft.training.cost import RunTracker
 
 logger = logging.getLogger(__name__)
 

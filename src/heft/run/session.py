@@ -19,7 +19,7 @@ from heft.evaluation.yesno import score
 from heft.methods import lora
 from heft.methods.model import decoder_layers, hidden_size, load_model, unwrap
 from heft.methods.reft import ReftModel, check_fits
-from heft.train.runtime import Runtime, make_runtime
+from heft.training.runtime import Runtime, make_runtime
 
 
 class Session:

@@ -28,7 +28,7 @@ from heft.run.pipeline import train_run
 from heft.run.folder import Output, StudyFolder
 from heft.run.records import DataFingerprint
 from heft.study.forecast import Forecast, PlannedRun, passes
-from heft.train.runtime import is_main_process
+from heft.training.runtime import is_main_process
 from heft.reuse.stage_cache import StageCache
 from heft.config.suite import read_suite, select
 

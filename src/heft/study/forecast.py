@@ -9,7 +9,7 @@ Seconds per training row come from a stage's first logged steps (and are refined
 of steps); seconds per pass from the last evaluation of the same rows (heft.run.pipeline's `pace`).
 Until a method is measured, it is assumed as fast per row as the mean of the methods measured so far;
 until an evaluation setup is measured, a pass is assumed to take half a training row's time per
-evaluated row (a forward pass without the backward: 2N of the (2 + 2f)N FLOPs per token, heft.train.cost).
+evaluated row (a forward pass without the backward: 2N of the (2 + 2f)N FLOPs per token, heft.training.cost).
 Stages taken from the stage cache or finished before a restart cost nothing; a finished run nothing.
 
 The study's expectation is logged once the first training speed is measured, and each run's own (with

@@ -445,5 +445,5 @@ def _method_notes(r: Report) -> list[str]:
             f"- Accuracy: answer log-likelihood scoring on the same {r.n} rows for every run; the interval of the mean "
             "uses Student's t over seeds" + (" (one seed: the Wilson interval of that run)." if len(r.seeds) == 1 else "."),
             "- FLOPs are estimated, not measured: (2 + 2 f) N per training token, N the base model's non-embedding "
-            "parameters and f the share of layers gradients flow through (heft.train.cost).",
+            "parameters and f the share of layers gradients flow through (heft.training.cost).",
             "- Every number here is recomputed from the run folders listed in report.json (`run_folders`)."]

@@ -4,7 +4,7 @@ accelerate 1.15 turns `distributed_type: FSDP` into FSDP only on accelerator dev
 machine it silently runs DDP. Everything heft does under FSDP (accelerate's `fully_shard` preparation,
 sharded parameters and optimizer state, collective saving and evaluation) runs on CPU with gloo, so
 this launcher changes just that one decision and then runs `heft` as `accelerate launch -m heft` would:
-    accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 tests/train/fsdp_cpu_launch.py train ...
+    accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 tests/training/fsdp_cpu_launch.py train ...
 The FSDP plugin is built from the same FSDP_* variables accelerate launch sets from the config file.
 """
 

@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import boolq_rows, tiny_config, write_jsonl
-from heft.train import checkpoint
+from heft.training import checkpoint
 from heft.errors import CheckpointError
 from heft.cli import main
 

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from heft.train import checkpoint
+from heft.training import checkpoint
 from heft.run import atomic
 from heft.methods import lora
 from heft.cli import main

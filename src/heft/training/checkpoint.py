@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from heft.run import atomic
-from heft.train import sharding
+from heft.training import sharding
 from heft.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def snapshot(trainable: list[tuple[str, nn.Parameter]], optimizer: Any) -> Snaps
     if {id(p) for g in optimizer.param_groups for p in g["params"]} != {id(p) for _, p in trainable}:
         raise CheckpointError("the optimizer does not update this stage's listed parameters (they were replaced, e.g. "
                               "by FSDP's sharded copies, after the list was taken); take the list from the prepared "
-                              "model (heft.train.sharding.rebind)")
+                              "model (heft.training.sharding.rebind)")
     return Snapshot(sharding.full_cpu(dict(trainable)), sharding.optimizer_state_full(optimizer), rng_states())
 
 

@@ -1,4 +1,4 @@
-"""Tests for the training-cost estimate (heft.train.cost): the FLOPs of what a stage runs, per path: the full path
+"""Tests for the training-cost estimate (heft.training.cost): the FLOPs of what a stage runs, per path: the full path
 through the adapted layers only (`lora.layers`), the layer prefix (lower layers once per kept row), the token prefix
 (tokens before the first edited position once per kept row, or every step with `recompute`); checked on the
 arithmetic, then on whole runs against the model's own parameter counts."""
@@ -14,7 +14,7 @@ from conftest import tiny_config
 from heft.config.load import from_dict
 from heft.run.folder import RunFolder
 from heft.run.records import StageProgress, StageRecord
-from heft.train.cost import Depth, RunTracker, stage_cost
+from heft.training.cost import Depth, RunTracker, stage_cost
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

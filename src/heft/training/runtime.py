@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from heft.train import sharding
+from heft.training import sharding
 from heft.errors import ConfigError
 
 logger = logging.getLogger(__name__)

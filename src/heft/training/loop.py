@@ -31,16 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from heft.train import checkpoint
+from heft.training import checkpoint
 from heft.run import atomic
-from heft.train import sharding
+from heft.training import sharding
 from heft.config.schema import StageConfig
 from heft.data.tokens import BucketBatches, Encoded
 from heft.errors import HeftError
 from heft.reuse import plan as reuse
-from heft.train.cost import StageCost
+from heft.training.cost import StageCost
 from heft.run.records import StageProgress
-from heft.train.runtime import Runtime
+from heft.training.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def train_stage(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], no_
     `prefix_cache_gb`: whether a ReFT stage that edits only the last prompt positions runs the tokens before them
     without gradients (heft.reuse.token_prefix), and whether any other stage runs the frozen layers below its lowest
     adapted one once per row (heft.reuse.layer_prefix; `layers_path` finds the decoder layers); heft.reuse.plan
-    chooses once. `on_cost(cost)` hears what the chosen path runs per token (heft.train.cost), before the first step.
+    chooses once. `on_cost(cost)` hears what the chosen path runs per token (heft.training.cost), before the first step.
     """
     if not rows:
         raise HeftError("training data is empty: no rows to train on (check data.train_size and the data files)")
