@@ -45,10 +45,10 @@ DEFAULT_RUN_CALLS = {"lora": 150, "reft": 225, "score": 2500 / 16}  # heft run: 
 def make_step(workload: str, spec: dict, compiled: bool):
     from heft.config.schema import LoraConfig, PositionsConfig, ReftConfig
     from heft.methods.lora import attach
-    from heft.train.loop import answer_loss
+    from heft.training.loop import answer_loss
     from heft.methods.model import compile_layers, decoder_layers, fp32_output_head, hidden_size
     from heft.methods.reft import ReftModel
-    from heft.train.runtime import model_forward
+    from heft.training.runtime import model_forward
     from heft.data.tokens import Encoded, prompt_batch, train_batch
 
     model = build_model(spec)

@@ -63,7 +63,7 @@ def run_heft(spec: dict) -> dict:
     from heft.evaluation.evaluate import accuracy
     from heft.evaluation.yesno import score
     from heft.methods.model import load_model
-    from heft.train.runtime import Runtime, use_bf16
+    from heft.training.runtime import Runtime, use_bf16
 
     # heft's Runtime, with the device chosen by the flag (no launcher here: one process).
     device = torch.device(spec["device"])

@@ -10,7 +10,7 @@ rows and batch order (one shuffled order per epoch):
 - `lora`: LoRA r 8 (alpha 16, dropout 0.05, all linear layers) on the upper half, through PEFT; the full side is
   then a plain PEFT training loop
 
-Sides: `layers` (heft.reuse.layer_prefix.FrozenLayers kept across epochs, AdamW step as heft.train.loop) and `full` (the same
+Sides: `layers` (heft.reuse.layer_prefix.FrozenLayers kept across epochs, AdamW step as heft.training.loop) and `full` (the same
 step, every layer each step). Rounds alternate the sides' order; the ratio is computed per round and its spread
 reported. The expected figure, from the arithmetic: with half the layers bypassed, the step loses the lower half's
 forward. A frozen layer's backward (input gradients only) costs about one forward, a trained one's about two, so
@@ -49,10 +49,10 @@ def make_step(spec: dict, config: str, side: str):
     from heft.config.schema import LoraConfig, PositionsConfig, ReftConfig
     from heft.reuse.layer_prefix import FrozenLayers, lowest_layer
     from heft.methods.lora import attach, trainable
-    from heft.train.loop import answer_loss
+    from heft.training.loop import answer_loss
     from heft.methods.model import decoder_layers, fp32_output_head, hidden_size
     from heft.methods.reft import ReftModel
-    from heft.train.runtime import Runtime, model_forward
+    from heft.training.runtime import Runtime, model_forward
     from heft.data.tokens import Encoded, train_batch
 
     model = build_model(spec)

@@ -48,7 +48,7 @@ def trainer_run(rows: int, tmp: Path) -> dict:
     from heft.data.rows import load_splits
     from heft.data.tokens import Encoder
     from heft.methods.model import resolve_model_path
-    from heft.train.runtime import use_bf16
+    from heft.training.runtime import use_bf16
 
     path = resolve_model_path("smollm2-135m")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

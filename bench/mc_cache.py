@@ -176,7 +176,7 @@ def main() -> None:
     from heft.evaluation.choices import score_choices
     from heft.run.atomic import write_json
     from heft.methods.model import resolve_model_path
-    from heft.train.runtime import Runtime
+    from heft.training.runtime import Runtime
     from heft.data.tokens import Encoder
 
     torch.set_num_threads(args.threads)

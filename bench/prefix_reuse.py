@@ -5,7 +5,7 @@ edited one cannot change in training, so heft runs them once without gradients a
 the second epoch on only the edited tokens and the answer run forward and backward. Sides, each in its own process,
 on the same model, rows and batch order (one shuffled order per epoch, the same for every side):
 
-- `prefix`:  heft's ReftModel with `heft.reuse.token_prefix.FrozenPrefix` (frozen_prefix: cache), AdamW step as heft.train.loop
+- `prefix`:  heft's ReftModel with `heft.reuse.token_prefix.FrozenPrefix` (frozen_prefix: cache), AdamW step as heft.training.loop
 - `full`:    heft's ReftModel, every token forward and backward (frozen_prefix: off), the same step otherwise
 - `pyreft`:  pyreft 0.1.0 in its own environment (transformers 4.45.1), the loop of bench/reft_vs_pyreft.py
 
@@ -48,11 +48,11 @@ SIDES = ("prefix", "full", "pyreft")
 def prefix_step(spec: dict):
     """heft's training step with the frozen prefix kept across epochs (a function of the batch rows)."""
     from heft.config.schema import PositionsConfig, ReftConfig
-    from heft.train.loop import answer_loss
+    from heft.training.loop import answer_loss
     from heft.methods.model import decoder_layers, fp32_output_head, hidden_size
     from heft.reuse.token_prefix import FrozenPrefix, why_not
     from heft.methods.reft import ReftModel
-    from heft.train.runtime import Runtime
+    from heft.training.runtime import Runtime
     from heft.data.tokens import Encoded
 
     model = build_model(spec)

@@ -33,7 +33,7 @@ def main() -> None:
     from heft.data.tokens import Encoder
     from heft.evaluation.yesno import score
     from heft.methods.model import decoder_layers, hidden_size, load_model
-    from heft.train.runtime import make_runtime
+    from heft.training.runtime import make_runtime
     from heft.methods.reft import ReftModel
 
     cfg = RunConfig(model=ModelConfig(name_or_path=args.model), precision="auto")
