@@ -444,6 +444,7 @@ def _method_notes(r: Report) -> list[str]:
     return ["", "## How these numbers are computed", "",
             f"- Accuracy: answer log-likelihood scoring on the same {r.n} rows for every run; the interval of the mean "
             "uses Student's t over seeds" + (" (one seed: the Wilson interval of that run)." if len(r.seeds) == 1 else "."),
-            "- FLOPs are estimated, not measured: (2 + 2 f) N per training token, N the base model's non-embedding "
-            "parameters and f the share of layers gradients flow through (heft.training.cost).",
+            "- FLOPs are estimated, not measured, from what each stage runs: 2 N forward and 2 G backward per training "
+            "token (N: non-embedding parameters, G: those gradients flow through), less what a speed path computes "
+            "once (heft.training.cost).",
             "- Every number here is recomputed from the run folders listed in report.json (`run_folders`)."]
