@@ -219,19 +219,24 @@ def apply_override(raw: dict[str, Any], dotted: str, text: str) -> None:
         raise ConfigError(f"--{dotted}: `{'.'.join(keys[:-1])}` is not a section, it is {node!r}")
 
 
+def read_config_file(path: Path) -> Any:
+    """The YAML document of a `--config` file, or a ConfigError naming the file and what is wrong with it."""
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file {str(path)!r}")
+    try:
+        return read_yaml(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config: {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+
+
 def load(path: str | Path | None, overrides: list[tuple[str, str]] = ()) -> RunConfig:
     """Read a YAML config (or start from the defaults), apply `--a.b value` overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config: no such file {str(p)!r}")
-        try:
-            raw = read_yaml(p.read_text(encoding="utf-8-sig"))
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"--config: {p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config: {p} is not valid YAML: {e}") from None
+        raw = read_config_file(p)
         if raw is None:
             raise ConfigError(f"--config: {p} is empty; a run config needs at least `stages:` (e.g. "
                               "`stages: [{method: lora, epochs: 1}]`, or `stages: []` to evaluate the base model)")

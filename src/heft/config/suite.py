@@ -12,10 +12,9 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import yaml
 
 from heft.config.schema import RunConfig
-from heft.config.load import apply_override, as_bool, from_dict, read_yaml
+from heft.config.load import apply_override, as_bool, from_dict, read_config_file
 from heft.errors import ConfigError
 
 
@@ -45,14 +44,7 @@ def suite_path(config: str | None, suite: str | None) -> Path:
 
 def read_suite(path: Path, overrides: list[tuple[str, str]]) -> dict[str, RunConfig]:
     """Strategy name -> resolved RunConfig."""
-    if not path.is_file():
-        raise ConfigError(f"--config: no such file {str(path)!r}")
-    try:
-        raw = read_yaml(path.read_text(encoding="utf-8-sig")) or {}
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"--config: {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+    raw = read_config_file(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"--config: {path} must hold `common:` and `strategies:`, got {type(as_bool(raw)).__name__}")
     unknown = set(raw) - {"common", "strategies"}

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from heft.config.load import apply_override, from_dict, read_yaml, to_dict
+from heft.config.load import apply_override, from_dict, read_config_file, to_dict
 from heft.errors import ConfigError, HeftError
 from heft.run.folder import check_out_path
 from heft.run.lock import _alive, _start_ticks
@@ -110,16 +110,7 @@ def open_study(tuned: Tuned, out: Path, name: str, storage: str | None, pruner: 
 
 def read_tuned(path: Path, overrides: Sequence[tuple[str, str]], trials: int) -> Tuned:
     """The config to tune (overrides applied, `search:` taken out) and its search space (default: `default_space`)."""
-    if not path.is_file():
-        raise ConfigError(f"--config: no such file {str(path)!r}")
-    import yaml
-
-    try:
-        raw = read_yaml(path.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"--config: {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+    raw = read_config_file(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"--config: {path} must hold a run config (a mapping with `stages:` and `search:`), got {raw!r}")
     for dotted, text in overrides:
