@@ -11,6 +11,7 @@ before any trial runs.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +60,27 @@ def open_storage(spec: str) -> Any:
         kwargs = {"connect_args": {"connect_timeout": 10}}  # an unreachable host fails in seconds, not minutes
         url = _with_driver(spec)
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        return _create_rdb(optuna, url, kwargs)
     except ImportError as e:
         missing = getattr(e.__cause__, "name", None) or getattr(e, "name", None) or "?"
         raise ConfigError(f"--storage: {describe(spec)} needs a database driver that is not installed ({missing}); for "
                           "PostgreSQL: pip install 'heft[tune]'") from None
     except Exception as e:  # sqlalchemy's errors (refused, unknown host, bad password, no such database)
         raise ConfigError(f"--storage: cannot reach {describe(spec)}: {_reason(e)}") from None
+
+
+def _create_rdb(optuna: Any, url: str, kwargs: dict[str, Any], attempts: int = 5) -> Any:
+    """Optuna's RDBStorage, created again when another worker created the tables of an empty database at the same
+    moment (the loser sees a duplicate key or an existing table; the second attempt finds the schema in place)."""
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except Exception as e:
+            text = str(e).lower()
+            if attempt + 1 == attempts or not ("duplicate key" in text or "already exists" in text):
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _with_driver(url: str) -> str:
