@@ -41,19 +41,11 @@ EXPECT = {"full": "full path", "token-cache": "come before the first edited posi
 
 def make_assets(folder: Path) -> tuple[Path, tuple[Path, Path]]:
     sys.path.insert(0, str(ROOT / "tests"))
-    import torch
-    from conftest import _build_tokenizer, boolq_rows, write_jsonl
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import boolq_rows, build_tiny_llama, write_jsonl
 
     model = folder / "tiny-llama"
     if not (model / "config.json").is_file():
-        tok = _build_tokenizer(model)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                          tie_word_embeddings=False)
-        torch.manual_seed(0)
-        LlamaForCausalLM(cfg).save_pretrained(model)
+        build_tiny_llama(model)
     files = (write_jsonl(folder / "train.jsonl", boolq_rows(48)), write_jsonl(folder / "validation.jsonl", boolq_rows(12, 5, True)))
     return model, files
 

@@ -29,19 +29,11 @@ TIMES = {"train_seconds", "seconds", "created", "heft_version", "peak_memory", "
 
 def make_assets(folder: Path) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
-    import torch
     import yaml
-    from conftest import _build_tokenizer, boolq_rows, tiny_config, write_jsonl
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import boolq_rows, build_tiny_llama, tiny_config, write_jsonl
 
     folder.mkdir(parents=True, exist_ok=True)
-    model = folder / "tiny-llama"
-    tok = _build_tokenizer(model)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(model)
+    model = build_tiny_llama(folder / "tiny-llama")
     files = (write_jsonl(folder / "train.jsonl", boolq_rows(48)), write_jsonl(folder / "validation.jsonl", boolq_rows(20, 5, True)))
     common = tiny_config(model, files, [], data={"train_size": 16, "eval_size": 19})
     del common["stages"]

@@ -69,12 +69,11 @@ def _build_tokenizer(folder: Path):
     return fast
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 4-layer, 64-wide Llama with a word-level tokenizer, saved as a Hugging Face folder."""
+def build_tiny_llama(folder: Path) -> Path:
+    """Save the tests' tiny Llama (4 layers, 64 wide, seed 0) and its word-level tokenizer in `folder` (also used by
+    scripts/same_outputs.py and scripts/kill_trials.py, so their runs see the same model)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     tok = _build_tokenizer(folder)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -83,6 +82,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 4-layer, 64-wide Llama with a word-level tokenizer, saved as a Hugging Face folder."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")

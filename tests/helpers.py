@@ -66,14 +66,19 @@ def with_reft(model: nn.Module, first: int = 2, last: int = 2, first_from: str =
     return reft.eval()
 
 
-def with_lora(model: nn.Module) -> nn.Module:
-    peft_model = attach(model, LoraConfig(r=2, alpha=4, dropout=0.0))
+def random_lora(model: nn.Module, layers: tuple[int, ...] | str = "all", dropout: float = 0.0) -> nn.Module:
+    """LoRA r 2 on `layers`, its B matrices seeded random (so the update and A's gradients are not zero)."""
+    peft_model = attach(model, LoraConfig(r=2, alpha=4, dropout=dropout, layers=layers))
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return peft_model.eval()
+    return peft_model
+
+
+def with_lora(model: nn.Module) -> nn.Module:
+    return random_lora(model).eval()
 
 
 def mixed_rows(rows: list[Encoded], skip: int = 0) -> list[Encoded]:

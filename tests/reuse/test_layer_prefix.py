@@ -21,7 +21,7 @@ from torch import nn
 from heft.config.schema import LoraConfig, PositionsConfig, ReftConfig
 from heft.config.load import from_dict
 from heft.reuse.layer_prefix import FrozenLayers, lowest_layer, reach
-from heft.methods.lora import attach, trainable as lora_trainable
+from heft.methods.lora import trainable as lora_trainable
 from heft.training.loop import answer_loss
 from heft.methods.model import decoder_layers, hidden_size
 from heft.methods.reft import ReftModel
@@ -29,7 +29,7 @@ from heft.training.runtime import model_forward
 from heft.data.tokens import Encoded, train_batch
 
 from conftest import tiny_config
-from helpers import CPU
+from helpers import CPU, random_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,13 +72,8 @@ def _with_reft(model: nn.Module, layers: tuple[int, ...]) -> tuple[ReftModel, li
 
 def _with_lora(model: nn.Module, layers: tuple[int, ...]) -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]:
     """LoRA on `layers` only, its B matrices random (so the update and A's gradients are not zero)."""
-    peft_model = attach(model, LoraConfig(r=2, alpha=4, dropout=0.0, layers=layers))
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return peft_model.train(), lora_trainable(peft_model)
+    peft_model = random_lora(model, layers).train()
+    return peft_model, lora_trainable(peft_model)
 
 
 def loss_and_grads(model: nn.Module, trained: list[tuple[str, nn.Parameter]], rows: list[Encoded], idx: list[int],
