@@ -3,7 +3,8 @@
 A suite YAML has a `common:` section (any RunConfig field but `stages`) and `strategies:`, a
 mapping from a strategy name to its list of stages (`[]` is the base model, evaluated as is), or
 to a mapping with `stages:` plus sections that override `common` for that strategy alone
-(e.g. `reft: {init: random}`).
+(e.g. `reft: {init: random}`), and `search:` (a `heft tune` search space, read only by `heft compare --tune`;
+without it that strategy is tuned in its method's default space).
 Overrides `--section.field value` change `common`; `--strategies.NAME.I.field value` changes a stage.
 """
 
@@ -44,6 +45,15 @@ def suite_path(config: str | None, suite: str | None) -> Path:
 
 def read_suite(path: Path, overrides: list[tuple[str, str]]) -> dict[str, RunConfig]:
     """Strategy name -> resolved RunConfig."""
+    return {name: body for name, (body, _) in _read(path, overrides).items()}
+
+
+def suite_searches(path: Path, overrides: list[tuple[str, str]]) -> dict[str, object]:
+    """Strategy name -> its `search:` section as written (None where it has none), for `heft compare --tune`."""
+    return {name: search for name, (_, search) in _read(path, overrides).items()}
+
+
+def _read(path: Path, overrides: list[tuple[str, str]]) -> dict[str, tuple[RunConfig, object]]:
     raw = read_config_file(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"--config: {path} must hold `common:` and `strategies:`, got {type(as_bool(raw)).__name__}")
@@ -59,11 +69,12 @@ def read_suite(path: Path, overrides: list[tuple[str, str]]) -> dict[str, RunCon
     out = {}
     for name, spec in strategies.items():
         body = copy.deepcopy(common)
-        own = spec if isinstance(spec, dict) else {"stages": spec}
+        own = dict(spec) if isinstance(spec, dict) else {"stages": spec}
+        search = own.pop("search", None)
         _deep_merge(body, own)
         body.update(strategy=name, stages=own.get("stages") or [])
         try:
-            out[name] = from_dict(body)
+            out[name] = (from_dict(body), search)
         except ConfigError as e:
             raise ConfigError(f"strategy {name!r}: {e}") from None
     return out

@@ -81,13 +81,15 @@ def _plan(study: StudyFolder, batches: list[tuple[int, dict[str, RunConfig]]], d
 
 def run_study(path: Path, out: Path, overrides: list[tuple[str, str]], *, seeds: list[int] | None,
               only: list[str] | None = None, overwrite: bool = False, tensorboard: bool = False,
-              targets: list[float] | None = None, final_only: bool = False) -> reports.Report | dict[str, Any]:
+              targets: list[float] | None = None, final_only: bool = False,
+              tuning: dict[str, reports.Tuning] | None = None) -> reports.Report | dict[str, Any]:
     """Train (or reuse) every strategy of the suite at `path` for every seed, then write the report.
 
     With seeds, every strategy is evaluated after every epoch too, unless `final_only` (long runs: one evaluation
     each, no accuracy-vs-epoch table). `seeds=None` is `heft run`: each strategy once with its configured seed, run
     folders in `out/NAME`, evaluation at the end only (unless the suite asks for more), plus summary.json. Returns
-    the report (typed, as report.json holds it) on the main process, {} on the others."""
+    the report (typed, as report.json holds it) on the main process, {} on the others. `tuning`: how `heft compare
+    --tune` chose the suite's configs, stated in the report."""
     if seeds is not None and not seeds:
         raise ConfigError("--seeds: give at least one seed (3 or more for an interval over seeds)")
     if seeds is not None and len(set(seeds)) != len(seeds):
@@ -127,7 +129,7 @@ def run_study(path: Path, out: Path, overrides: list[tuple[str, str]], *, seeds:
             train_strategies(study, batch, seed, forecast if is_main_process() else None)
         if not is_main_process():
             return {}  # the report is read from the run folders and written by the main process alone
-        report = reports.build_report(study, configs, used, targets or [])
+        report = reports.build_report(study, configs, used, targets or [], tuning)
         study.write_report(report, reports.report_markdown(report))
         if flat:
             study.write_summary(reports.summary_view(report), reports.summary_markdown(report))

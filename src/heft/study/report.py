@@ -29,7 +29,7 @@ from heft.run.records import EpochRecord, Metrics
 from heft.study import plots
 from heft.study.report_records import (
     MAJORITY, Bootstrap, EditNorm, EpochPoint, McNemar, Pair, ReftNorms, Report, SharedStages, StrategySummary,
-    Target, TaskSummary,
+    Target, TaskSummary, Tuning,
 )
 
 # ----------------------------------------------------------------------------- reading the runs
@@ -77,8 +77,10 @@ def _correct(runs: list[SeedRun]) -> np.ndarray:
 # ----------------------------------------------------------------------------- numbers
 
 
-def build_report(study: StudyFolder, configs: dict[str, RunConfig], seeds: list[int], targets: list[float]) -> Report:
-    """Everything in report.json, computed from the run folders alone (plots drawn into the study folder)."""
+def build_report(study: StudyFolder, configs: dict[str, RunConfig], seeds: list[int], targets: list[float],
+                 tuning: dict[str, Tuning] | None = None) -> Report:
+    """Everything in report.json, computed from the run folders (plots drawn into the study folder) and, for a tuned
+    suite, how each strategy was tuned."""
     runs = _read_runs(study, configs, seeds)
     first = next(iter(runs.values()))[0]
     trained = [r.metrics for rs in runs.values() for r in rs if r.metrics.train_rows]
@@ -97,7 +99,7 @@ def build_report(study: StudyFolder, configs: dict[str, RunConfig], seeds: list[
         targets=_targets(strategies, epochs, targets), shared_stages=_shared_stages(runs),
         reft_edit_norms={n: v for n, v in norms.items() if v is not None},
         run_folders={n: {str(s): str(r.folder.path.relative_to(study.path)) for s, r in zip(seeds, runs[n])} for n in names},
-        plots={},
+        plots={}, tuning=tuning,
     )
     return dataclasses.replace(report, plots=plots.draw(study.plots_dir, report))
 
@@ -340,7 +342,7 @@ def _task_section(r: Report) -> list[str]:
 def report_markdown(r: Report) -> str:
     """report.md, rendered from the typed report alone."""
     lines = [f"# Strategy comparison: {r.model}, {len(r.seeds)} seed(s) {r.seeds}", "", _evaluation_line(r), ""]
-    lines += _final_section(r) + _task_section(r) + _final_notes(r)
+    lines += _final_section(r) + _task_section(r) + _final_notes(r) + _tuning_section(r)
     lines += _pairs_section(r) + _epochs_section(r) + _targets_section(r) + _plots_section(r) + _method_notes(r)
     return "\n".join(lines) + "\n"
 
@@ -377,6 +379,31 @@ def _final_notes(r: Report) -> list[str]:
                          f"first epochs exact; bit-identical weights). Their cost still counts in {name}'s tokens, time and "
                          f"FLOPs above; {sh.seconds_not_retrained:.0f} s per seed were saved.")
     return lines
+
+
+def _tuning_section(r: Report) -> list[str]:
+    if not r.tuning:
+        return []
+    trials = next(iter(r.tuning.values())).trials
+    return ["", "## Tuning on the dev split", "",
+            f"Each trained strategy's config was chosen by `heft compare --tune {trials}`: the same {trials} trials each, "
+            "at the budget above, every trial scored on the dev split (rows carved from the training rows, never the "
+            "evaluated ones); the seeds above trained each strategy's best config.", ""] + tuning_table(r.tuning)
+
+
+def tuning_table(tuning: dict[str, Tuning]) -> list[str]:
+    """Per tuned strategy: what was searched, what its trials came to, the best dev accuracy and values."""
+    from heft.tune.space import yaml_text
+
+    def value(v: Any) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else yaml_text(v)
+
+    return markdown_table(
+        ["strategy", "searched", "trials: complete / pruned / failed", "best dev accuracy", "best values", "trials"],
+        [[name, ", ".join(f"`{k}` {next(iter(d))} {yaml_text(next(iter(d.values())))}" for k, d in t.searched.items()),
+          f"{t.complete} / {t.pruned} / {t.failed}", f"{t.best_dev_accuracy:.2%} (trial {t.best_trial})",
+          ", ".join(f"`{k}` = {value(v)}" for k, v in t.best_values.items()),
+          f"[{t.tune_folder}/tune.md]({t.tune_folder}/tune.md)"] for name, t in tuning.items()])
 
 
 def _pairs_section(r: Report) -> list[str]:

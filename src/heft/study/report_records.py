@@ -8,6 +8,7 @@
     Target             the first epoch at which a strategy reached a target accuracy
     SharedStages       stages a strategy took from another one instead of training them
     ReftNorms          the learned ReFT edit's size per layer and position group
+    Tuning             (heft compare --tune) how a strategy's config was chosen on the dev split
 
 The JSON keeps the keys and order report.json has always had. Fields marked `optional()` are left out
 when None; the others are written as null.
@@ -184,6 +185,22 @@ class ReftNorms(NestedRecord):
 
 
 @dataclass(frozen=True)
+class Tuning(Record):
+    trials: int
+    """The study's size: every tuned strategy gets the same."""
+    complete: int
+    pruned: int
+    failed: int
+    searched: dict[str, dict[str, Any]]
+    """Dotted path -> {distribution: arguments}, as `search:` declares it."""
+    best_trial: int
+    best_dev_accuracy: float
+    best_values: dict[str, Any]
+    tune_folder: str
+    """The strategy's tune folder (trials, tune.md, plots), as given to heft compare."""
+
+
+@dataclass(frozen=True)
 class Report(NestedRecord):
     seeds: list[int]
     n: int
@@ -203,6 +220,8 @@ class Report(NestedRecord):
     """Strategy -> seed (as text) -> run folder, relative to the study folder."""
     plots: dict[str, str] | str
     """Plot kind -> PNG path relative to the study folder, or why no plot was drawn."""
+    tuning: dict[str, Tuning] | None = optional()
+    """heft compare --tune: per tuned strategy, its search on the dev split."""
 
     @property
     def many_tasks(self) -> bool:
@@ -221,4 +240,5 @@ class Report(NestedRecord):
             "targets": [Target.from_json(t) for t in raw["targets"]],
             "shared_stages": {n: SharedStages.from_json(s) for n, s in raw["shared_stages"].items()},
             "reft_edit_norms": {n: ReftNorms.from_json(r) for n, r in raw["reft_edit_norms"].items()},
+            "tuning": None if raw.get("tuning") is None else {n: Tuning.from_json(t) for n, t in raw["tuning"].items()},
         })

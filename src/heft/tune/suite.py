@@ -1,17 +1,18 @@
 """`heft compare --tune N`: every trained strategy of a suite tuned on the dev split with the same N trials, each
 at its own fixed budget, then compared as usual through the suite of their best configs.
 
-Each strategy is searched in its default space (heft.tune.space.default_space: each stage's learning rate, the
-rank of each method it trains), as the study `PREFIX-NAME`, in `TUNE_OUT/NAME/` (an ordinary tune folder with
+Each strategy is searched in the space its suite entry declares under `search:` (as in `heft tune`), else in its
+default space (heft.tune.space.default_space: each stage's learning rate, the rank of each method it trains), as the study `PREFIX-NAME`, in `TUNE_OUT/NAME/` (an ordinary tune folder with
 its trials, report, plots and best.yaml). Every strategy's study is created or joined, and every check made,
 before the first trial of any of them. Then `TUNE_OUT/suite.yaml` holds the best config of each strategy (the
 untrained ones as they were), with the search space, the trials and the best dev accuracy as comments, and
 `TUNE_OUT/tuning.md` the same as a table; `heft compare` trains that suite under the seeds and reports on the
-evaluated split.
+evaluated split, its report stating how each strategy was tuned (heft.study.report_records.Tuning).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,11 +21,13 @@ import yaml
 
 from heft.config.load import to_dict
 from heft.config.schema import RunConfig
-from heft.config.suite import read_suite, select
-from heft.errors import HeftError
+from heft.config.suite import read_suite, select, suite_searches
+from heft.errors import ConfigError, HeftError
 from heft.run import atomic
+from heft.study.report import tuning_table
+from heft.study.report_records import Tuning
 from heft.tune.objective import Tuned
-from heft.tune.space import default_space, yaml_text
+from heft.tune.space import default_space, parse, yaml_text
 from heft.tune.study import check_settings, open_study
 
 logger = logging.getLogger(__name__)
@@ -50,15 +53,25 @@ class SuiteTuneFolder:
 
 def tune_suite(suite: Path, overrides: Sequence[tuple[str, str]], only: list[str] | None, out: Path, trials: int, *,
                storage: str | None = None, prefix: str = "", seed: int = 0, heartbeat: float = 60.0,
-               pruner: Any = "median") -> Path:
+               pruner: Any = "median") -> tuple[Path, dict[str, Tuning]]:
     """Tune every trained strategy of the suite (overrides applied, `only` selected) with `trials` trials each;
-    write the suite of their best configs and return its path."""
+    write the suite of their best configs; return its path and how each strategy was tuned."""
     check_settings(trials, heartbeat)
     configs = select(read_suite(suite, list(overrides)), only)
+    searches = suite_searches(suite, list(overrides))
     folder = SuiteTuneFolder(out)
-    opened = {name: open_study(Tuned(cfg, default_space(cfg), trials), folder.strategy(name), f"{prefix}{name}",
-                               storage, pruner)
-              for name, cfg in configs.items() if cfg.stages}
+    spaces = {}
+    for name, cfg in configs.items():
+        if searches[name] is not None and not cfg.stages:
+            raise ConfigError(f"strategies.{name}.search: {name} trains nothing (stages: []), so there is nothing to "
+                              "tune; remove its `search:`")
+        if cfg.stages:
+            try:
+                spaces[name] = parse(searches[name], cfg) if searches[name] is not None else default_space(cfg)
+            except ConfigError as e:
+                raise ConfigError(f"strategies.{name}: {e}") from None
+    opened = {name: open_study(Tuned(cfg, spaces[name], trials), folder.strategy(name), f"{prefix}{name}", storage,
+                               pruner) for name, cfg in configs.items() if cfg.stages}
     reports = {}
     for name, study in opened.items():
         logger.info("tuning %s: %d trials on the dev split (%s)", name, trials, folder.strategy(name))
@@ -73,9 +86,15 @@ def tune_suite(suite: Path, overrides: Sequence[tuple[str, str]], only: list[str
                             f"config; see {folder.strategy(name) / 'tune.md'}")
         else:
             best[name] = opened[name].tuned.final_config(report["best"]["values"])
+    tuning = {name: Tuning(trials=trials, complete=r["counts"]["complete"], pruned=r["counts"]["pruned"],
+                           failed=r["counts"]["failed"], searched=r["space"], best_trial=r["best"]["number"],
+                           best_dev_accuracy=r["best"]["value"], best_values=r["best"]["values"],
+                           tune_folder=str(folder.strategy(name))) for name, r in reports.items()}
     atomic.write_text(folder.suite_path, _suite_text(best, reports, trials, suite))
-    atomic.write_text(folder.summary_path, summary_markdown(reports, trials, folder))
-    return folder.suite_path
+    atomic.write_text(folder.summary_path, "\n".join([f"# Tuning on the dev split: {trials} trials per strategy", ""]
+                                                      + tuning_table({n: dataclasses.replace(t, tune_folder=n)
+                                                                      for n, t in tuning.items()})) + "\n")
+    return folder.suite_path, tuning
 
 
 def _suite_text(best: dict[str, RunConfig], reports: dict[str, dict], trials: int, source: Path) -> str:
@@ -94,19 +113,4 @@ def _suite_text(best: dict[str, RunConfig], reports: dict[str, dict], trials: in
         body = {k: v for k, v in to_dict(cfg).items() if k != "strategy"}
         text = yaml.safe_dump({name: body}, sort_keys=False)
         lines += ["  " + line for line in text.splitlines()]
-    return "\n".join(lines) + "\n"
-
-
-def summary_markdown(reports: dict[str, dict], trials: int, folder: SuiteTuneFolder) -> str:
-    """tuning.md: per strategy, the search space, the trials it got, the best dev accuracy and values."""
-    lines = [f"# Tuning on the dev split: {trials} trials per strategy", "",
-             "| strategy | searched | complete / pruned / failed | best dev accuracy | best values | trials |",
-             "|---|---|---|---|---|---|"]
-    for name, r in reports.items():
-        c, b = r["counts"], r["best"]
-        searched = ", ".join(f"`{k}` {next(iter(v))} {yaml_text(next(iter(v.values())))}" for k, v in r["space"].items())
-        values = ", ".join(f"`{k}` = {v:.3g}" if isinstance(v, float) else f"`{k}` = {yaml_text(v)}"
-                           for k, v in b["values"].items())
-        lines.append(f"| {name} | {searched} | {c['complete']} / {c['pruned']} / {c['failed']} | {b['value']:.2%} | "
-                     f"{values} | [{name}/tune.md]({name}/tune.md) |")
     return "\n".join(lines) + "\n"
