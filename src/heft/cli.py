@@ -72,19 +72,19 @@ def cmd_run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
 
 def cmd_compare(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     path = _suite(args, overrides)
-    only = args.only
+    only, tuning = args.only, None
     if args.tune is not None:  # the suite's strategies replaced by their best configs on the dev split
         from heft.tune.suite import tune_suite
 
         out = Path(args.out)
-        path = tune_suite(path, overrides, only, Path(args.tune_out or out.with_name(out.name + "-tune")), args.tune,
+        path, tuning = tune_suite(path, overrides, only, Path(args.tune_out or out.with_name(out.name + "-tune")), args.tune,
                           storage=args.storage, prefix=f"{out.name}-")
         overrides, only = [], None
     from heft.study.report import console_table
     from heft.study.compare import run_study
 
     report = run_study(path, Path(args.out), overrides, seeds=args.seeds, only=only, overwrite=args.overwrite,
-                       tensorboard=args.tensorboard, targets=args.target, final_only=args.final_only)
+                       tensorboard=args.tensorboard, targets=args.target, final_only=args.final_only, tuning=tuning)
     if _reports():
         print("\n" + console_table(report))
         print(f"\nwrote {args.out}/report.md and report.json")
@@ -285,7 +285,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     c.add_argument("--final-only", action="store_true", help="evaluate each run at the end of training only, not after "
                    "every epoch (faster for many epochs or large evaluation sets; no accuracy-vs-epoch table)")
     c.add_argument("--tune", type=int, metavar="N", help="first tune every trained strategy on the dev split with N trials "
-                   "(heft tune, each method's default space, the suite's budgets), then compare their best configs")
+                   "(heft tune; a strategy's `search:` in the suite, else its methods' default space; the suite's budgets), then "
+                   "compare their best configs")
     c.add_argument("--tune-out", help="with --tune: the tune folders, the tuned suite.yaml and tuning.md "
                    "(default: OUT-tune next to --out)")
     c.add_argument("--storage", help="with --tune: the studies' shared storage, as for heft tune (default: a journal "
