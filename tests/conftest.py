@@ -133,3 +133,49 @@ def tiny(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     model.requires_grad_(False)
     return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+# ----------------------------------------------------------------------------- finished runs the serving tests load
+# HEFT (LoRA merged, then ReFT), LoRA alone, and a ReFT stage that edits only first positions. The ReFT stages start
+# from random interventions (`reft.init: random`) so the edits are large after a few steps: a test that compares
+# against the model without ReFT can then fail. Each run trains one epoch on 8 rows.
+
+
+def _train_serve_run(tiny_model_dir: Path, tmp_path_factory, name: str, stages: list[dict], positions: dict) -> Path:
+    """Train `stages` on 8 fixture rows (4 evaluation rows, no dev split) into a fresh run folder."""
+    root = tmp_path_factory.mktemp(name)
+    files = (write_jsonl(root / "train.jsonl", boolq_rows(8)),
+             write_jsonl(root / "eval.jsonl", boolq_rows(4, offset=3, google=True)))
+    from heft import train
+
+    cfg = tiny_config(tiny_model_dir, files, stages, data={"dev_size": 0},
+                      reft={"rank": 2, "layers": "all", "positions": positions, "init": "random"},
+                      lora={"merge": True}, eval={"batch_size": 4})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the `one_thread` fixture: the tiny model's ops stall when threads outnumber free cores
+    try:
+        return train(cfg, root / "run")
+    finally:
+        torch.set_num_threads(threads)
+
+
+_LORA = {"method": "lora", "epochs": 1, "batch_size": 4}
+_REFT = {"method": "reft", "epochs": 1, "batch_size": 4}
+
+
+@pytest.fixture(scope="session")
+def heft_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """LoRA (merged) then ReFT on the first 3 and last 3 prompt positions."""
+    return _train_serve_run(tiny_model_dir, tmp_path_factory, "serve-heft", [_LORA, _REFT], {"first": 3, "last": 3})
+
+
+@pytest.fixture(scope="session")
+def lora_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA stage only (merged into the weights): no ReFT hooks."""
+    return _train_serve_run(tiny_model_dir, tmp_path_factory, "serve-lora", [_LORA], {"first": 3, "last": 3})
+
+
+@pytest.fixture(scope="session")
+def first_only_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """LoRA (merged) then ReFT on the first 3 prompt positions only (`last: 0`)."""
+    return _train_serve_run(tiny_model_dir, tmp_path_factory, "serve-first", [_LORA, _REFT], {"first": 3, "last": 0})
