@@ -7,6 +7,8 @@
     heft predict DIR --passage P --question Q              yes/no and its probability (a chat run: its answer)
     heft lm-eval DIR --tasks boolq,arc_easy [--limit N]      lm-evaluation-harness tasks on a run (extra: lm-eval)
     heft tune --config FILE --trials N --out DIR [--storage URL]   Optuna search on the dev split, many workers (extra: tune)
+    heft serve RUN [--host 127.0.0.1] [--port 8000]         an OpenAI-compatible server with ReFT on each prompt (extra: serve)
+    heft export RUN OUT                                    the LoRA stages merged into a plain transformers folder, + ReFT
 """
 
 from __future__ import annotations
@@ -225,6 +227,18 @@ def cmd_lm_eval(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> i
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    from heft.serve.server import serve_command
+
+    return serve_command(args)
+
+
+def cmd_export(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    from heft.serve.export import export_command
+
+    return export_command(args)
+
+
 def cmd_tune(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     from heft.tune.study import tune
 
@@ -353,6 +367,33 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     "after an epoch is below the median of the trials before it at that epoch (default: median)")
     tu.add_argument("--heartbeat", type=float, default=60.0, help="seconds between a worker's signs of life; a worker on "
                     "another machine silent for 5 of them is taken as stopped and its trial retried (default: 60)")
+    # -- serve (heft.serve.server)
+    sv = sub.add_parser("serve", help="serve a run with the OpenAI API: completions, chat, streaming, logprobs "
+                        "(pip install 'heft[serve]')",
+                        description="An OpenAI-compatible HTTP server for a finished run: ReFT edits each request's own "
+                        "prompt positions, requests are batched as they arrive (continuous batching).")
+    sv.add_argument("run", help="a finished run folder, hf://USER/REPO, or a folder written by heft export")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one and prints it)")
+    sv.add_argument("--model-name", help="the model id clients send (default: the run folder's name)")
+    sv.add_argument("--max-concurrent", type=int, default=16, help="requests decoded together (default: 16)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default: 64)")
+    sv.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the model's context length)")
+    sv.add_argument("--max-new-tokens", type=int, default=512, help="largest max_tokens accepted (default: 512)")
+    sv.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take, queue included (default: 300)")
+    sv.add_argument("--allow-other-base", action="store_true", help="as for heft eval")
+    # -- export (heft.serve.export)
+    ex = sub.add_parser("export", help="write a run as a Hugging Face model folder: LoRA merged into the weights, "
+                        "ReFT files beside them, a model card",
+                        description="Merge a run's LoRA stages into the base weights and write a folder that "
+                        "AutoModelForCausalLM.from_pretrained loads with transformers alone, plus the run's ReFT "
+                        "interventions (applied by heft.load and heft serve) and a model card. Prints the accuracy of "
+                        "the plain model and of the full run on the run's evaluation rows.")
+    ex.add_argument("run", help="a finished run folder, or hf://USER/REPO")
+    ex.add_argument("out", help="a new or empty folder")
+    ex.add_argument("--overwrite", action="store_true", help="replace OUT if it holds an earlier export")
+    ex.add_argument("--no-eval", action="store_true", help="skip scoring the plain and the full model on the run's rows")
+    ex.add_argument("--allow-other-base", action="store_true", help="as for heft eval")
     return p
 
 
@@ -364,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = _split_overrides(rest)
         handler = {"run": cmd_run, "compare": cmd_compare, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
                    "push": cmd_push, "pull": cmd_pull, "lm-eval": cmd_lm_eval,
-                   "tune": cmd_tune}[args.command]
+                   "tune": cmd_tune, "serve": cmd_serve, "export": cmd_export}[args.command]
         code = handler(args, overrides)
         _leave_process_group(code, wait=True)
         return code
