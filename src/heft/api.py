@@ -78,14 +78,21 @@ class HeftModel(nn.Module):
 
 
 def load(run: str | Path, *, allow_other_base: bool = False) -> tuple[HeftModel, Any]:
-    """(model, tokenizer) of a finished run folder, ready for `forward`/`generate`, in eval mode."""
+    """(model, tokenizer) of a finished run folder or of a folder `heft export` wrote, ready for `forward`/`generate`,
+    in eval mode."""
     from heft.hub import resolve
     from heft.run.folder import RunFolder
     from heft.run.pipeline import load_run
+    from heft.serve.export import ExportFolder, load_export
 
     path = resolve(run)
-    s, cfg = load_run(path, allow_other_base=allow_other_base)
-    model = HeftModel(s, run_prompt(RunFolder(path).read_meta(), cfg.data.format, path))
+    if ExportFolder(path).is_export():
+        s, cfg = load_export(path, allow_other_base=allow_other_base)
+        meta = ExportFolder(path).read_meta()
+    else:
+        s, cfg = load_run(path, allow_other_base=allow_other_base)
+        meta = RunFolder(path).read_meta()
+    model = HeftModel(s, run_prompt(meta, cfg.data.format, path))
     model.eval()
     return model, s.tokenizer
 

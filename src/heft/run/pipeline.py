@@ -15,6 +15,7 @@ records written to it to heft.run.records; what a study's runs share to heft.reu
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import platform
@@ -334,15 +335,17 @@ def _fresh_session(cfg: RunConfig, run: RunFolder, count: int) -> Session:
 # ----------------------------------------------------------------------------- reloading a finished run
 
 
-def load_run(path: Path, allow_other_base: bool = False) -> tuple[Session, RunConfig]:
+def load_run(path: Path, allow_other_base: bool = False, merge_lora: bool = False) -> tuple[Session, RunConfig]:
     """Rebuild the trained model of a finished run folder: base model, then each stage's adapters in order.
 
     The base model must be the one the run was trained on (shape, and the fingerprint of its config,
-    weights and tokenizer recorded in meta.json); `allow_other_base` accepts another one of the same shape."""
+    weights and tokenizer recorded in meta.json); `allow_other_base` accepts another one of the same shape.
+    `merge_lora`: merge every LoRA stage into the weights, also those the run kept as adapters (lora.merge: false),
+    as `heft export` writes them; the returned config is the run's own."""
     folder = RunFolder(path)
     folder.require_finished()
     cfg = folder.read_config()
-    s = Session(cfg)
+    s = Session(dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, merge=True)) if merge_lora else cfg)
     meta = folder.read_meta()
     saved = meta.get("model_shape")
     if saved is not None:
