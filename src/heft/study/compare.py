@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,8 @@ def run_study(path: Path, out: Path, overrides: list[tuple[str, str]], *, seeds:
             train_strategies(study, batch, seed, forecast if is_main_process() else None)
         if not is_main_process():
             return {}  # the report is read from the run folders and written by the main process alone
+        if tuning:  # the report links each tune report from where report.md lies
+            tuning = {n: dataclasses.replace(t, tune_folder=os.path.relpath(t.tune_folder, out)) for n, t in tuning.items()}
         report = reports.build_report(study, configs, used, targets or [], tuning)
         study.write_report(report, reports.report_markdown(report))
         if flat:
